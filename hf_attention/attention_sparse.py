@@ -1,0 +1,739 @@
+"""Sparse attention patterns (local, strided, block) and kernels that really skip the masked work.
+
+A pattern is one small object: ``allowed(q_idx, kv_idx, causal)`` is the element rule (pure tensor
+ops, so it doubles as a FlexAttention ``mask_mod`` body) and a few hints tell the blocked kernel how
+to cover it. ``sparse_attention`` splits the sequence into query blocks, gathers for each block only
+the key blocks the pattern can reach, applies the exact element mask there and runs one batched
+SDPA/matmul over all blocks (no Python loop over blocks). Periodic parts that are not block-sparse
+(the ``(i - j) mod l`` half of ``strided``) are computed on residue-grouped sequences and joined to
+the blocked part in one softmax. Everything is plain autograd, so it trains on CPU, where
+FlexAttention has no backward; ``flex_sparse_attention`` is the compiled kernel for CUDA.
+
+This file is copied next to saved models and imported as remote code: it imports only torch and the
+standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BlockPattern",
+    "LocalPattern",
+    "SPARSE_PATTERNS",
+    "SparsePattern",
+    "StridedPattern",
+    "flex_sparse_attention",
+    "make_sparse_pattern",
+    "sparse_attention",
+]
+
+# When the blocked layout would still compute at least this fraction of the full L x L score matrix
+# (short sequences, wide windows), one dense SDPA call with the boolean mask is faster.
+DENSE_FALLBACK_DENSITY = 0.5
+# Below this length the gather/bookkeeping overhead dominates whatever the density: use dense SDPA.
+DENSE_FALLBACK_MAX_LEN = 256
+# Query block size bounds for the band patterns: small blocks waste less work at the window edges,
+# large blocks give the matmuls enough rows to be efficient.
+MIN_QUERY_BLOCK = 16
+MAX_QUERY_BLOCK = 128
+# Query rows per chunk when a layout is derived generically from ``allowed`` (bounds its memory).
+_LAYOUT_CHUNK_ROWS = 1024
+# Entries kept per cache (layouts per pattern, BlockMasks per process).
+_CACHE_SIZE = 16
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _lru_get(cache: OrderedDict, key: Any, build: Callable[[], Any]) -> Any:
+    """Small LRU so long-running jobs with many sequence lengths do not grow memory without bound."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = build()
+    cache[key] = value
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"{name} must be {kind} integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Patterns
+# --------------------------------------------------------------------------------------------------
+
+_PATTERN_REGISTRY: dict[str, type[SparsePattern]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePattern:
+    """Base class: a subclass defines ``allowed`` (and optionally layout hints) and registers by ``name``.
+
+    Contract of ``allowed``: the diagonal is always allowed (no query row is ever empty), and with
+    ``causal=True`` nothing above the diagonal is. ``allowed`` minus ``blocked_allowed`` must lie on
+    the residue classes ``(i - j) % residue_stride == 0`` (or be empty when ``residue_stride`` is None).
+    """
+
+    name: ClassVar[str] = ""
+    # Per-instance caches (layouts, index tables); excluded from equality/hash so equal patterns match.
+    _cache: OrderedDict = dataclasses.field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False, hash=False
+    )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            _PATTERN_REGISTRY[cls.name] = cls
+
+    @classmethod
+    def from_options(cls, **options: Any) -> SparsePattern:
+        """Build from the full option set of ``make_sparse_pattern``, validating only what it uses."""
+        raise NotImplementedError
+
+    # -- the element rule ------------------------------------------------------------------------
+    def allowed(
+        self, q_idx: torch.Tensor, kv_idx: torch.Tensor, causal: bool, *, seq_len: int | None = None
+    ) -> torch.Tensor:
+        """Bool, broadcasting ``q_idx`` and ``kv_idx``; ``seq_len`` only picks length-dependent tables."""
+        raise NotImplementedError
+
+    def blocked_allowed(
+        self, q_idx: torch.Tensor, kv_idx: torch.Tensor, causal: bool, *, seq_len: int | None = None
+    ) -> torch.Tensor:
+        """The part of ``allowed`` the blocked kernel covers by gathering key blocks (default: all)."""
+        return self.allowed(q_idx, kv_idx, causal, seq_len=seq_len)
+
+    # -- hints for the blocked kernel -----------------------------------------------------------
+    residue_stride: ClassVar[int | None] = None
+
+    def dense_queries(self, seq_len: int) -> int:
+        """Leading queries that attend (almost) everything; they are computed densely, not blocked."""
+        return 0
+
+    def query_block_size(self, seq_len: int, causal: bool) -> int:
+        return 64
+
+    def key_blocks(self, num_blocks: int, block_size: int, causal: bool, seq_len: int) -> torch.Tensor:
+        """Candidate key blocks per query block, LongTensor [num_blocks, K] (duplicates/out-of-range ok).
+
+        The default derives them from ``blocked_allowed`` in row chunks; subclasses with a closed
+        form override it so the first call at a new length stays cheap.
+        """
+        padded = num_blocks * block_size
+        kv = torch.arange(padded)
+        skip = self.dense_queries(seq_len)
+        rows = max(1, _LAYOUT_CHUNK_ROWS // block_size) * block_size
+        hits = []
+        for start in range(0, padded, rows):
+            q = torch.arange(start, min(start + rows, padded))
+            ok = self.blocked_allowed(q[:, None], kv[None, :], causal, seq_len=seq_len) & (q[:, None] >= skip)
+            ok = ok | (q[:, None] == kv[None, :])
+            hits.append(ok.view(-1, block_size, num_blocks, block_size).any(3).any(1))
+        hit = torch.cat(hits)
+        width = int(hit.sum(1).max())
+        order = torch.argsort((~hit).to(torch.int8), dim=1, stable=True)[:, :width]
+        return torch.where(hit.gather(1, order), order, -1)
+
+    def mask_fn(self, causal: bool, seq_len: int, device: Any = None) -> Callable[..., torch.Tensor]:
+        """``(q_idx, kv_idx) -> bool`` with any tables bound now, traceable inside a compiled mask_mod."""
+        return lambda q_idx, kv_idx: self.allowed(q_idx, kv_idx, causal, seq_len=seq_len)
+
+    # -- public helpers --------------------------------------------------------------------------
+    def dense_mask(
+        self, q_len: int, kv_len: int, *, q_offset: int = 0, causal: bool = False, device: Any = None
+    ) -> torch.Tensor:
+        """Bool [q_len, kv_len], True = attend; ``q_offset`` is the first query's index (cached decoding)."""
+        q = torch.arange(q_offset, q_offset + q_len, device=device)
+        kv = torch.arange(kv_len, device=device)
+        return self.allowed(q[:, None], kv[None, :], causal, seq_len=max(kv_len, q_offset + q_len))
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalPattern(SparsePattern):
+    """Sliding window: bidirectional ``|i - j| <= w // 2``; causal ``0 <= i - j < w``."""
+
+    name: ClassVar[str] = "local"
+    window_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check_positive("window_size", self.window_size)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> LocalPattern:
+        return cls(window_size=options["window_size"])
+
+    def _reach(self, causal: bool) -> tuple[int, int]:
+        """How far back and forward a query looks."""
+        return (self.window_size - 1, 0) if causal else (self.window_size // 2, self.window_size // 2)
+
+    def allowed(self, q_idx, kv_idx, causal, *, seq_len=None):
+        d = q_idx - kv_idx
+        if causal:
+            return (d >= 0) & (d < self.window_size)
+        return d.abs() <= self.window_size // 2
+
+    def query_block_size(self, seq_len: int, causal: bool) -> int:
+        return _band_block_size(*self._reach(causal))
+
+    def key_blocks(self, num_blocks, block_size, causal, seq_len):
+        return _band_key_blocks(num_blocks, block_size, *self._reach(causal))
+
+
+@dataclasses.dataclass(frozen=True)
+class StridedPattern(SparsePattern):
+    """Child et al. (2019) strided: ``|i - j| < l`` or ``(i - j) % l == 0``; causal adds ``j <= i``.
+
+    The band is block-sparse; the periodic part is handled as a residue component (``residue_stride``).
+    """
+
+    name: ClassVar[str] = "strided"
+    stride: int = 64
+
+    def __post_init__(self) -> None:
+        _check_positive("stride", self.stride)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> StridedPattern:
+        return cls(stride=options["stride"])
+
+    @property
+    def residue_stride(self) -> int:  # type: ignore[override]
+        return self.stride
+
+    def _reach(self, causal: bool) -> tuple[int, int]:
+        return (self.stride - 1, 0) if causal else (self.stride - 1, self.stride - 1)
+
+    def allowed(self, q_idx, kv_idx, causal, *, seq_len=None):
+        d = q_idx - kv_idx
+        out = (d.abs() < self.stride) | (torch.remainder(d, self.stride) == 0)
+        return out & (d >= 0) if causal else out
+
+    def blocked_allowed(self, q_idx, kv_idx, causal, *, seq_len=None):
+        d = q_idx - kv_idx
+        out = d.abs() < self.stride
+        return out & (d >= 0) if causal else out
+
+    def query_block_size(self, seq_len: int, causal: bool) -> int:
+        return _band_block_size(*self._reach(causal))
+
+    def key_blocks(self, num_blocks, block_size, causal, seq_len):
+        return _band_key_blocks(num_blocks, block_size, *self._reach(causal))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPattern(SparsePattern):
+    """BigBird-style: neighbouring blocks, ``g`` global tokens both ways, ``r`` random key blocks.
+
+    The random key blocks of query block ``qb`` are drawn from ``random.Random(f"{seed}:{qb}")`` over
+    ``range(capacity)`` with ``capacity = max(ceil(max_positions / b), blocks in the sequence)``: they
+    depend on neither the batch nor the padded length, so padding and reloading give identical
+    outputs. Blocks already covered (the neighbours, blocks made only of global tokens) are not drawn;
+    a drawn block past the sequence end covers nothing.
+    """
+
+    name: ClassVar[str] = "block"
+    block_size: int = 64
+    num_global_tokens: int = 0
+    num_random_blocks: int = 0
+    seed: int = 0
+    max_positions: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_positive("block_size", self.block_size)
+        _check_positive("num_global_tokens", self.num_global_tokens, allow_zero=True)
+        _check_positive("num_random_blocks", self.num_random_blocks, allow_zero=True)
+        _check_positive("max_positions", self.max_positions)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> BlockPattern:
+        return cls(
+            block_size=options["block_size"],
+            num_global_tokens=options["num_global_tokens"],
+            num_random_blocks=options["num_random_blocks"],
+            seed=options["seed"],
+            max_positions=options["max_positions"],
+        )
+
+    def capacity(self, seq_len: int | None = None) -> int:
+        """Number of key blocks random draws come from; only grows past ``max_positions``."""
+        blocks = _ceil_div(self.max_positions, self.block_size)
+        return max(blocks, _ceil_div(seq_len, self.block_size)) if seq_len else blocks
+
+    def random_blocks(self, seq_len: int | None = None, device: Any = None) -> torch.Tensor:
+        """LongTensor [capacity, r]: the random key blocks of every query block (cached per device)."""
+        cap = self.capacity(seq_len)
+        key = ("random", cap, str(torch.device(device) if device is not None else "cpu"))
+        with torch.inference_mode(False), torch.no_grad():
+            return _lru_get(self._cache, key, lambda: self._draw_random_blocks(cap, device))
+
+    def _draw_random_blocks(self, cap: int, device: Any) -> torch.Tensor:
+        r = self.num_random_blocks
+        lo = self.num_global_tokens // self.block_size  # blocks made only of global tokens: covered
+        rows = []
+        for qb in range(cap):
+            rng = random.Random(f"{self.seed}:{qb}")
+            taken = sum(lo <= kb < cap for kb in (qb - 1, qb, qb + 1))
+            if cap - lo - taken <= 4 * r:  # few candidates: sample from the explicit pool
+                pool = [kb for kb in range(lo, cap) if abs(kb - qb) > 1]
+                drawn = rng.sample(pool, min(r, len(pool)))
+            else:  # many candidates: rejection sampling stays O(r) per block for huge capacities
+                drawn = []
+                while len(drawn) < r:
+                    kb = rng.randrange(cap)
+                    if kb >= lo and abs(kb - qb) > 1 and kb not in drawn:
+                        drawn.append(kb)
+            rows.append(drawn + [qb] * (r - len(drawn)))  # pad with the own block: already allowed
+        return torch.tensor(rows, dtype=torch.long, device=device).view(cap, r)
+
+    def mask_fn(self, causal: bool, seq_len: int, device: Any = None) -> Callable[..., torch.Tensor]:
+        table = self.random_blocks(seq_len, device) if self.num_random_blocks else None
+        return lambda q_idx, kv_idx: self._allowed(q_idx, kv_idx, causal, table)
+
+    def allowed(self, q_idx, kv_idx, causal, *, seq_len=None):
+        table = self.random_blocks(seq_len, q_idx.device) if self.num_random_blocks else None
+        return self._allowed(q_idx, kv_idx, causal, table)
+
+    def _allowed(self, q_idx, kv_idx, causal: bool, table: torch.Tensor | None) -> torch.Tensor:
+        b, g = self.block_size, self.num_global_tokens
+        qb, kb = q_idx // b, kv_idx // b
+        out = ((qb - kb).abs() <= 1) | (q_idx < g) | (kv_idx < g)
+        if table is not None:
+            row = qb.clamp(max=table.shape[0] - 1)
+            hit = table[row, 0] == kb
+            for t in range(1, self.num_random_blocks):
+                hit = hit | (table[row, t] == kb)
+            out = out | (hit & (qb < table.shape[0]))
+        return out & (kv_idx <= q_idx) if causal else out
+
+    def dense_queries(self, seq_len: int) -> int:
+        return min(self.num_global_tokens, seq_len)
+
+    def query_block_size(self, seq_len: int, causal: bool) -> int:
+        return self.block_size
+
+    def key_blocks(self, num_blocks, block_size, causal, seq_len):
+        qb = torch.arange(num_blocks)[:, None]
+        parts = [qb + torch.arange(-1, 2)]
+        n_global = _ceil_div(self.num_global_tokens, block_size)
+        if n_global:
+            parts.append(torch.arange(n_global).expand(num_blocks, n_global))
+        if self.num_random_blocks:
+            parts.append(self.random_blocks(seq_len)[:num_blocks])
+        out = torch.cat(parts, 1)
+        return out.masked_fill(out > qb, -1) if causal else out
+
+
+SPARSE_PATTERNS: tuple[str, ...] = tuple(_PATTERN_REGISTRY)
+
+
+def make_sparse_pattern(
+    pattern: str,
+    *,
+    window_size: int,
+    block_size: int,
+    stride: int,
+    num_global_tokens: int,
+    num_random_blocks: int,
+    seed: int,
+    max_positions: int,
+) -> SparsePattern:
+    """Build a pattern by name from config-style options; each pattern reads (and checks) only its own."""
+    cls = _PATTERN_REGISTRY.get(pattern) if isinstance(pattern, str) else None
+    if cls is None:
+        choices = ", ".join(repr(name) for name in _PATTERN_REGISTRY)
+        raise ValueError(f"Unknown sparse attention pattern {pattern!r}; valid choices: {choices}")
+    return cls.from_options(
+        window_size=window_size,
+        block_size=block_size,
+        stride=stride,
+        num_global_tokens=num_global_tokens,
+        num_random_blocks=num_random_blocks,
+        seed=seed,
+        max_positions=max_positions,
+    )
+
+
+def _band_block_size(before: int, after: int) -> int:
+    """About half the band span, a multiple of 16: measured fastest for window 128 on CPU (DESIGN.md)."""
+    span = before + after + 1
+    size = 16 * max(1, round(span / 32))
+    return max(MIN_QUERY_BLOCK, min(MAX_QUERY_BLOCK, size))
+
+
+def _band_key_blocks(num_blocks: int, block_size: int, before: int, after: int) -> torch.Tensor:
+    lo, hi = _ceil_div(before, block_size), _ceil_div(after, block_size)
+    return torch.arange(num_blocks)[:, None] + torch.arange(-lo, hi + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout: everything the blocked kernel needs for one (pattern, length, causal, device), cached
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Residue:
+    stride: int
+    groups: int  # G = ceil(L / stride); group c holds positions c, c + stride, ...
+    pos: torch.Tensor  # [stride, G] positions (unclamped)
+    pos_clamped: torch.Tensor  # [stride, G] safe for gathers
+    mask: torch.Tensor  # [stride, G, G] bool: allowed and not already in the blocked part
+
+
+@dataclasses.dataclass
+class _Layout:
+    seq_len: int
+    block_size: int
+    num_blocks: int
+    band_offset: int | None  # key blocks of block qb are qb - band_offset + arange(K): unfold, no gather
+    kv_blocks: torch.Tensor  # [nQB, K] clamped key block indices
+    kv_pos: torch.Tensor  # [nQB, K * bs] key positions (unclamped)
+    kv_pos_clamped: torch.Tensor  # [nQB, K * bs]
+    mask: torch.Tensor  # [nQB, bs, K * bs] exact element mask, no padding
+    diag: torch.Tensor  # [nQB, bs, K * bs] query == key
+    dense_queries: int
+    residue: _Residue | None
+    density: float  # computed scores / L^2
+
+    @property
+    def num_keys(self) -> int:
+        return self.kv_pos.shape[1]
+
+
+def _build_layout(pattern: SparsePattern, seq_len: int, causal: bool, device: torch.device) -> _Layout:
+    bs = max(1, min(pattern.query_block_size(seq_len, causal), seq_len))
+    nb = _ceil_div(seq_len, bs)
+    raw = pattern.key_blocks(nb, bs, causal, seq_len).to(torch.long).cpu()
+    width, band = raw.shape[1], int(raw[0, 0])
+    expected = torch.arange(nb)[:, None] + torch.arange(band, band + width)
+    band_offset = -band if band <= 0 and torch.equal(raw, expected) else None
+    if band_offset is not None:
+        valid = (expected >= 0) & (expected < nb)
+        blocks = expected
+    else:
+        cand, _ = torch.sort(torch.where((raw >= 0) & (raw < nb), raw, -1), dim=1)
+        valid = cand >= 0
+        valid[:, 1:] &= cand[:, 1:] != cand[:, :-1]
+        blocks = cand
+    # drop key-block columns that are invalid in every row (e.g. -1 padding of the candidates)
+    keep = valid.any(0)
+    if band_offset is None and not bool(keep.all()):
+        valid, blocks = valid[:, keep], blocks[:, keep]
+    k = blocks.shape[1]
+    kv_pos = (blocks[:, :, None] * bs + torch.arange(bs)).view(nb, k * bs)
+    kv_valid = valid[:, :, None].expand(nb, k, bs).reshape(nb, 1, k * bs)
+    q_pos = torch.arange(nb * bs).view(nb, bs, 1)
+    kv = kv_pos[:, None, :]
+    diag = q_pos == kv
+    mask = pattern.blocked_allowed(q_pos, kv, causal, seq_len=seq_len) & kv_valid & ((kv < seq_len) | diag)
+
+    residue = None
+    stride = pattern.residue_stride
+    if stride is not None:
+        groups = _ceil_div(seq_len, stride)
+        pos = torch.arange(groups * stride).view(groups, stride).t()  # [stride, G]
+        qi, ki = pos[:, :, None], pos[:, None, :]
+        rmask = pattern.allowed(qi, ki, causal, seq_len=seq_len)
+        rmask &= ~pattern.blocked_allowed(qi, ki, causal, seq_len=seq_len) & (ki < seq_len)
+        if bool(rmask.any()):
+            safe = pos.clamp(max=seq_len - 1)
+            residue = _Residue(stride, groups, pos.to(device), safe.to(device), rmask.to(device))
+    computed = nb * bs * k * bs + (residue.stride * residue.groups**2 if residue else 0)
+    dense_rows = pattern.dense_queries(seq_len)
+    computed += dense_rows * seq_len
+    return _Layout(
+        seq_len=seq_len,
+        block_size=bs,
+        num_blocks=nb,
+        band_offset=band_offset,
+        kv_blocks=blocks.clamp(0, nb - 1).to(device),
+        kv_pos=kv_pos.to(device),
+        kv_pos_clamped=kv_pos.clamp(0, seq_len - 1).to(device),
+        mask=mask.to(device),
+        diag=diag.to(device),
+        dense_queries=dense_rows,
+        residue=residue,
+        density=computed / float(seq_len * seq_len),
+    )
+
+
+def _layout(pattern: SparsePattern, seq_len: int, causal: bool, device: torch.device) -> _Layout:
+    key = ("layout", seq_len, bool(causal), str(device))
+    # Cached tensors must be ordinary tensors even if first built under inference_mode/no_grad.
+    with torch.inference_mode(False), torch.no_grad():
+        return _lru_get(pattern._cache, key, lambda: _build_layout(pattern, seq_len, causal, device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+def _bias(
+    bias_fn: Callable[[torch.Tensor], torch.Tensor],
+    positions: torch.Tensor | None,
+    q_idx: torch.Tensor,
+    kv_idx: torch.Tensor,
+) -> torch.Tensor:
+    """Bias [B' or 1, H, *S] for rel = k_pos - q_pos, S the broadcast shape of the sequence indices.
+
+    Without ``positions`` the indices are the positions; with them the (clamped) indices are looked up.
+    """
+    if positions is None:
+        return bias_fn(kv_idx - q_idx).unsqueeze(0)
+    return bias_fn(positions[:, kv_idx] - positions[:, q_idx]).movedim(0, 1)
+
+
+def _masked_scores(scores: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def _softmax(scores: torch.Tensor, dropout: float, training: bool) -> torch.Tensor:
+    low = scores.dtype in (torch.float16, torch.bfloat16)
+    probs = scores.softmax(-1, dtype=torch.float32).to(scores.dtype) if low else scores.softmax(-1)
+    return F.dropout(probs, dropout, training=True) if training and dropout > 0 else probs
+
+
+def _sdpa(q, k, v, mask: torch.Tensor, bias: torch.Tensor | None, scaling: float, dropout: float):
+    """SDPA with a bool mask, or a float mask when a bias is added (the bias then gets gradients)."""
+    attn_mask = mask if bias is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scaling)
+
+
+def _padding_rule(
+    pad: torch.Tensor | None, allowed: torch.Tensor, diag: torch.Tensor, kv_idx: torch.Tensor
+) -> torch.Tensor:
+    """Exclude padding keys but keep each query's own key, so padding queries never get an empty row.
+
+    A real query's own key is real, so this changes nothing for real tokens. ``kv_idx`` [..., 1, K].
+    """
+    if pad is None:
+        return allowed
+    return allowed & (pad[:, kv_idx] | diag)
+
+
+def _dense_attention(
+    query, key, value, pattern: SparsePattern, causal, pad, bias_fn, positions, scaling, dropout,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """Dense SDPA under the pattern's boolean mask: short sequences, and the global query rows."""
+    seq_len = key.shape[2]
+    rows = seq_len if rows is None else rows
+    q_idx = torch.arange(rows, device=query.device)[:, None]
+    kv_idx = torch.arange(seq_len, device=query.device)[None, :]
+    mask = pattern.dense_mask(rows, seq_len, causal=causal, device=query.device)
+    mask = _padding_rule(pad, mask, q_idx == kv_idx, kv_idx).unsqueeze(-3)
+    bias = None if bias_fn is None else _bias(bias_fn, positions, q_idx, kv_idx)
+    return _sdpa(query[:, :, :rows], key, value, mask, bias, scaling, dropout)
+
+
+def _gather_blocks(x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """[B, H, L, D] -> [B, H, nQB, K * bs, D]: the key blocks each query block reads."""
+    b, h, seq_len, d = x.shape
+    bs, nb, k = layout.block_size, layout.num_blocks, layout.kv_blocks.shape[1]
+    if layout.band_offset is not None:  # consecutive blocks: overlapping windows of one padded tensor
+        lead = layout.band_offset * bs
+        trail = (k - 1 - layout.band_offset) * bs + nb * bs - seq_len
+        xp = F.pad(x, (0, 0, lead, trail))
+        return xp.unfold(2, k * bs, bs).transpose(-1, -2)
+    xp = F.pad(x, (0, 0, 0, nb * bs - seq_len)).view(b, h, nb, bs, d)
+    return xp[:, :, layout.kv_blocks].reshape(b, h, nb, k * bs, d)
+
+
+def sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pattern: SparsePattern,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    bias_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    positions: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Block-sparse attention over ``pattern``; q/k/v ``[B, H, L, D]`` -> out ``[B, L, H, D]``.
+
+    Exactly dense softmax attention under ``pattern.dense_mask`` with padding keys excluded and
+    ``bias_fn(k_pos - q_pos)`` ([H, *S]) added, but computing only the gathered key blocks, so the
+    cost is O(L * keys-per-query). Plain autograd: trains on any device, including CPU.
+    """
+    if query.dim() != 4 or key.shape != query.shape or value.shape[:3] != query.shape[:3]:
+        raise ValueError(
+            f"sparse_attention expects query/key/value [B, H, L, D] with equal L, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    batch, heads, seq_len, _ = query.shape
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    dropout = dropout if training else 0.0
+    pad = None
+    if key_padding_mask is not None:
+        pad = key_padding_mask.to(device=query.device, dtype=torch.bool)
+        if pad.shape != (batch, seq_len):
+            raise ValueError(f"key_padding_mask must be [B, L] = {(batch, seq_len)}, got {tuple(pad.shape)}")
+        if bool(pad.all()):
+            pad = None
+    if positions is not None:
+        positions = positions.to(query.device)
+        if positions.dim() != 2 or positions.shape[1] != seq_len:
+            raise ValueError(f"positions must be [B, L] or [1, L], L={seq_len}, got {tuple(positions.shape)}")
+
+    layout = None if seq_len <= DENSE_FALLBACK_MAX_LEN else _layout(pattern, seq_len, causal, query.device)
+    if layout is None or layout.density >= DENSE_FALLBACK_DENSITY:
+        out = _dense_attention(query, key, value, pattern, causal, pad, bias_fn, positions, scaling, dropout)
+        return out.transpose(1, 2)
+
+    bs, nb = layout.block_size, layout.num_blocks
+    padded = nb * bs
+    q_blocks = F.pad(query, (0, 0, 0, padded - seq_len)).view(batch, heads, nb, bs, -1)
+    k_blocks, v_blocks = _gather_blocks(key, layout), _gather_blocks(value, layout)
+    mask = _padding_rule(pad, layout.mask, layout.diag, layout.kv_pos_clamped[:, None, :]).unsqueeze(-4)
+    bias = None
+    if bias_fn is not None:  # clamped indices only where ``positions`` must be looked up
+        q_idx = torch.arange(padded, device=query.device)
+        kv_idx = layout.kv_pos if positions is None else layout.kv_pos_clamped
+        q_idx = q_idx if positions is None else q_idx.clamp(max=seq_len - 1)
+        bias = _bias(bias_fn, positions, q_idx.view(nb, bs, 1), kv_idx[:, None, :])
+
+    res = layout.residue
+    if res is None:
+        out = _sdpa(q_blocks, k_blocks, v_blocks, mask, bias, scaling, dropout)
+        out = out.reshape(batch, heads, padded, -1)[:, :, :seq_len]
+    else:
+        out = _with_residue(
+            query, key, value, q_blocks, k_blocks, v_blocks, mask, bias, layout, res, pad, bias_fn,
+            positions, scaling, dropout, training,
+        )
+    if layout.dense_queries:
+        rows = layout.dense_queries
+        head = _dense_attention(
+            query, key, value, pattern, causal, pad, bias_fn, positions, scaling, dropout, rows
+        )
+        out = torch.cat([head, out[:, :, rows:]], dim=2)
+    return out.transpose(1, 2)
+
+
+def _with_residue(
+    query, key, value, q_blocks, k_blocks, v_blocks, mask, bias, layout: _Layout, res: _Residue, pad,
+    bias_fn, positions, scaling, dropout, training,
+) -> torch.Tensor:
+    """Blocked band + residue-grouped periodic part joined in one softmax over concatenated scores."""
+    batch, heads, seq_len, _ = query.shape
+    padded, nk = layout.num_blocks * layout.block_size, layout.num_keys
+    s_band = _masked_scores((q_blocks @ k_blocks.transpose(-1, -2)) * scaling, mask, bias)
+    s_band = s_band.reshape(batch, heads, padded, nk)[:, :, :seq_len]
+
+    stride, groups = res.stride, res.groups
+    rpad = groups * stride - seq_len
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, D] -> [B, H, stride, G, D]
+        return F.pad(x, (0, 0, 0, rpad)).view(batch, heads, groups, stride, -1).transpose(2, 3)
+
+    q_r, k_r, v_r = grouped(query), grouped(key), grouped(value)
+    rmask = res.mask
+    if pad is not None:  # the diagonal lives in the band, so padding keys are simply excluded here
+        rmask = rmask & pad[:, res.pos_clamped[:, None, :]]
+    rbias = None
+    if bias_fn is not None:
+        pos = res.pos if positions is None else res.pos_clamped
+        rbias = _bias(bias_fn, positions, pos[:, :, None], pos[:, None, :])
+    s_res = _masked_scores((q_r @ k_r.transpose(-1, -2)) * scaling, rmask.unsqueeze(-4), rbias)
+    s_res = s_res.transpose(2, 3).reshape(batch, heads, groups * stride, groups)[:, :, :seq_len]
+
+    probs = _softmax(torch.cat([s_band, s_res], dim=-1), dropout, training)
+    p_band, p_res = probs.split([nk, groups], dim=-1)
+    p_band = F.pad(p_band, (0, 0, 0, padded - seq_len)).view(q_blocks.shape[:-1] + (nk,))
+    out = (p_band @ v_blocks).reshape(batch, heads, padded, -1)[:, :, :seq_len]
+    p_res = F.pad(p_res, (0, 0, 0, rpad)).view(batch, heads, groups, stride, groups).transpose(2, 3)
+    out_res = (p_res @ v_r).transpose(2, 3).reshape(batch, heads, groups * stride, -1)[:, :, :seq_len]
+    return out + out_res
+
+
+# --------------------------------------------------------------------------------------------------
+# FlexAttention
+# --------------------------------------------------------------------------------------------------
+
+_FLEX_BLOCK_MASKS: OrderedDict = OrderedDict()
+_COMPILED_FLEX: Callable[..., torch.Tensor] | None = None
+
+
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    """Compiled once per process: uncompiled flex is a slow dense reference (DESIGN.md)."""
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def flex_block_mask(
+    pattern: SparsePattern,
+    seq_len: int,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    device: Any = None,
+):
+    """BlockMask for ``pattern`` (+ padding, keeping each query's own key); cached without padding."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    allowed = pattern.mask_fn(causal, seq_len, device)  # tables bound here, outside the traced mask_mod
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(q_idx, kv_idx)
+
+    if key_padding_mask is None:
+        key = (pattern, seq_len, bool(causal), str(device))
+        build = lambda: create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)  # noqa: E731
+        return _lru_get(_FLEX_BLOCK_MASKS, key, build)
+    pad = key_padding_mask.to(device=device, dtype=torch.bool)
+
+    def padded_mask_mod(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx) & (pad[b, kv_idx] | (q_idx == kv_idx))
+
+    return create_block_mask(padded_mask_mod, pad.shape[0], None, seq_len, seq_len, device=device)
+
+
+def flex_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pattern: SparsePattern,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    bias_fn_mod: Callable[..., torch.Tensor] | None = None,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Compiled FlexAttention with the pattern's BlockMask; out ``[B, L, H, D]``.
+
+    The sparse training kernel on CUDA; on CPU (torch 2.13) forward only, FlexAttention has no CPU
+    backward. ``bias_fn_mod`` is a FlexAttention ``score_mod`` ``(score, b, h, q_idx, kv_idx) -> score``.
+    """
+    block_mask = flex_block_mask(
+        pattern, query.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=query.device
+    )
+    out = _compiled_flex()(query, key, value, score_mod=bias_fn_mod, block_mask=block_mask, scale=scaling)
+    return out.transpose(1, 2)

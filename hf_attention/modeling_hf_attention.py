@@ -1,0 +1,1053 @@
+"""hf_attention models: one transformer family whose attention and positional encoding are chosen by config.
+
+Data flow: ids -> embeddings (absolute positions added here) -> layers (norm -> attention: projections,
+rotary q/k or score bias, sparse pattern, scoring, kernel -> residual -> norm -> MLP) -> head.
+The scoring algorithm is `config.attention_type`; the kernel is `config._attn_implementation`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+    SequenceClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .attention_additive import additive_attention
+from .attention_sparse import SparsePattern, flex_sparse_attention, make_sparse_pattern, sparse_attention
+from .configuration_hf_attention import HfAttentionConfig
+from .positions_hf_attention import (
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEmbedding,
+    apply_rotary,
+    build_bias_module,
+)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(QK^T * scaling + mask + bias) V, with the probabilities returned (output_attentions)."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    if position_bias is not None:
+        scores = scores + position_bias
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer of one stack shares in a forward pass: masks, positions, rotary tables, biases.
+
+    Built once per forward by the stack; dense masks and biases are computed lazily and cached here so
+    layers that need them share one tensor and the fast kernels never build them.
+    """
+
+    q_positions: torch.Tensor  # [B|1, Lq] position ids of the queries
+    k_positions: torch.Tensor  # [B|1, Lk] position ids of the keys
+    key_padding_mask: torch.Tensor | None  # bool [B, Lk], True = real token; None = no padding
+    causal: bool = False
+    q_offset: int = 0  # index of the first query in the key sequence (cached decoding)
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for the queries
+    rotary_keys: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for the new keys (same as queries)
+    bias_module: nn.Module | None = None
+    pattern: SparsePattern | None = None
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def q_len(self) -> int:
+        return self.q_positions.shape[-1]
+
+    @property
+    def k_len(self) -> int:
+        return self.k_positions.shape[-1]
+
+    def bool_mask(self, device: torch.device) -> torch.Tensor | None:
+        """[B|1, 1, Lq, Lk] True = attend (pattern, causality, padding), or None when everything attends."""
+        if "bool" in self._cache:
+            return self._cache["bool"]
+        mask = None
+        q_idx = torch.arange(self.q_len, device=device) + self.q_offset
+        k_idx = torch.arange(self.k_len, device=device)
+        if self.pattern is not None:
+            mask = self.pattern.dense_mask(
+                self.q_len, self.k_len, q_offset=self.q_offset, causal=self.causal, device=device
+            )
+        elif self.causal and (self.q_len > 1 or self.q_offset + 1 != self.k_len):
+            mask = q_idx[:, None] >= k_idx[None, :]
+        if mask is not None:
+            mask = mask[None, None]
+        if self.key_padding_mask is not None:
+            pad = self.key_padding_mask[:, None, None, :].to(device=device, dtype=torch.bool)
+            mask = pad if mask is None else mask & pad
+        self._cache["bool"] = mask
+        return mask
+
+    def float_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        key = ("float", dtype)
+        if key not in self._cache:
+            mask = self.bool_mask(device)
+            self._cache[key] = (
+                None
+                if mask is None
+                else torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+            )
+        return self._cache[key]
+
+    def relative_positions(self) -> torch.Tensor:
+        """k_pos - q_pos, [B|1, Lq, Lk]."""
+        return self.k_positions[:, None, :] - self.q_positions[:, :, None]
+
+    def position_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """[B|1, H, Lq, Lk] score bias of ALiBi / relative positions (recomputed per stack, shared by layers)."""
+        if self.bias_module is None:
+            return None
+        key = ("bias", dtype)
+        if key not in self._cache:
+            bias = self.bias_module(self.relative_positions())  # [H, B, Lq, Lk]
+            self._cache[key] = bias.permute(1, 0, 2, 3).to(dtype)
+        return self._cache[key]
+
+    def bias_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return None if self.bias_module is None else self.bias_module
+
+
+class HfAttentionAttention(nn.Module):
+    """Multi-head attention whose scoring (standard/rope/sparse/additive) comes from the config.
+
+    Self-attention when `is_cross_attention` is False; cross-attention reads keys/values from the
+    encoder states and caches them once per generation.
+    """
+
+    def __init__(
+        self, config: HfAttentionConfig, layer_idx: int | None = None, is_causal: bool = False,
+        is_cross_attention: bool = False,
+    ):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_causal = is_causal
+        self.is_cross_attention = is_cross_attention
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_type = config.attention_type
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        if self.attention_type == "additive":
+            # Bahdanau scoring per head: score = v^T tanh(W_q q + W_k k + b).
+            a = config.additive_hidden_size
+            self.additive_w_q = nn.Parameter(torch.empty(self.num_heads, self.head_dim, a))
+            self.additive_w_k = nn.Parameter(torch.empty(self.num_heads, self.head_dim, a))
+            self.additive_b = nn.Parameter(torch.empty(self.num_heads, a))
+            self.additive_v = nn.Parameter(torch.empty(self.num_heads, a))
+
+    def _shape(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        inputs: AttentionInputs,
+        key_value_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, q_len, _ = hidden_states.shape
+        query = self._shape(self.q_proj(hidden_states))
+
+        cache = past_key_values
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.cross_attention_cache if self.is_cross_attention else cache.self_attention_cache
+        if self.is_cross_attention:
+            is_updated = (
+                isinstance(past_key_values, EncoderDecoderCache) and past_key_values.is_updated.get(self.layer_idx)
+            )
+            if cache is not None and is_updated:
+                key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+            else:
+                key = self._shape(self.k_proj(key_value_states))
+                value = self._shape(self.v_proj(key_value_states))
+                if cache is not None:
+                    key, value = cache.update(key, value, self.layer_idx)
+                    past_key_values.is_updated[self.layer_idx] = True
+        else:
+            key = self._shape(self.k_proj(hidden_states))
+            value = self._shape(self.v_proj(hidden_states))
+            if inputs.rotary is not None:
+                query = apply_rotary(query, *inputs.rotary)
+                key = apply_rotary(key, *inputs.rotary_keys)
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
+
+        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
+        impl = self.config._attn_implementation or "sdpa"
+        weights = None
+        if self.attention_type == "additive":
+            bias = inputs.float_mask(query.dtype, query.device)
+            pos_bias = inputs.position_bias(query.dtype)
+            if pos_bias is not None:
+                bias = pos_bias if bias is None else bias + pos_bias
+            out, weights = additive_attention(
+                query, key, value, self.additive_w_q, self.additive_w_k, self.additive_b, self.additive_v,
+                attention_bias=bias, dropout=dropout, training=self.training, output_attentions=output_attentions,
+            )
+        elif self._use_sparse_kernel(inputs, impl, output_attentions, query, key):
+            if impl == "flex_attention" and query.device.type == "cuda":
+                out = flex_sparse_attention(
+                    query, key, value, inputs.pattern, causal=inputs.causal,
+                    key_padding_mask=inputs.key_padding_mask, bias_fn_mod=self._flex_bias_mod(inputs),
+                    scaling=self.scaling,
+                )
+            else:
+                out = sparse_attention(
+                    query, key, value, inputs.pattern, causal=inputs.causal,
+                    key_padding_mask=inputs.key_padding_mask, bias_fn=inputs.bias_fn(),
+                    positions=inputs.q_positions, scaling=self.scaling, dropout=dropout, training=self.training,
+                )
+        else:
+            if output_attentions:
+                impl = "eager"
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+            if impl == "eager":
+                interface = eager_attention_forward
+            out, weights = interface(
+                self, query, key, value,
+                attention_mask=inputs.float_mask(query.dtype, query.device),
+                position_bias=inputs.position_bias(query.dtype),
+                scaling=self.scaling, dropout=dropout,
+                is_causal=inputs.causal and not self.is_cross_attention,
+            )
+        out = out.reshape(batch, q_len, -1).contiguous()
+        return self.out_proj(out), (weights if output_attentions else None)
+
+    def _use_sparse_kernel(self, inputs: AttentionInputs, impl: str, output_attentions: bool, query, key) -> bool:
+        """The block-skipping kernels serve full forwards; probabilities and cached decoding use the dense mask."""
+        return (
+            inputs.pattern is not None
+            and not self.is_cross_attention
+            and not output_attentions
+            and impl != "eager"
+            and inputs.q_offset == 0
+            and query.shape[-2] == key.shape[-2]
+        )
+
+    def _flex_bias_mod(self, inputs: AttentionInputs):
+        if inputs.bias_module is None:
+            return None
+        positions = inputs.q_positions
+        bias_module = inputs.bias_module
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            pos_b = positions[b if positions.shape[0] > 1 else 0]
+            return score + bias_module(pos_b[kv_idx] - pos_b[q_idx])[h].to(score.dtype)
+
+        return score_mod
+
+
+class HfAttentionMLP(nn.Module):
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.activation_fn(self.fc1(hidden_states))))
+
+
+class HfAttentionLayer(GradientCheckpointingLayer):
+    """Pre-norm (x + f(norm(x))) or post-norm (norm(x + f(x))) block; decoders add cross-attention."""
+
+    def __init__(self, config: HfAttentionConfig, layer_idx: int, is_decoder: bool = False,
+                 add_cross_attention: bool = False):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.self_attn = HfAttentionAttention(config, layer_idx, is_causal=is_decoder)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder_attn = None
+        if add_cross_attention:
+            self.encoder_attn = HfAttentionAttention(config, layer_idx, is_cross_attention=True)
+            self.encoder_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = HfAttentionMLP(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def _residual(self, hidden_states, norm: nn.LayerNorm, fn) -> torch.Tensor:
+        if self.pre_norm:
+            return hidden_states + self.dropout(fn(norm(hidden_states)))
+        return norm(hidden_states + self.dropout(fn(hidden_states)))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        inputs: AttentionInputs,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cross_inputs: AttentionInputs | None = None,
+        past_key_values: Cache | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        hidden_states = self._residual(
+            hidden_states, self.self_attn_layer_norm,
+            lambda x: self.self_attn(x, inputs, past_key_values=past_key_values,
+                                     output_attentions=output_attentions)[0],
+        )
+        if self.encoder_attn is not None and encoder_hidden_states is not None:
+            hidden_states = self._residual(
+                hidden_states, self.encoder_attn_layer_norm,
+                lambda x: self.encoder_attn(x, cross_inputs, key_value_states=encoder_hidden_states,
+                                            past_key_values=past_key_values,
+                                            output_attentions=output_attentions)[0],
+            )
+        return self._residual(hidden_states, self.final_layer_norm, self.mlp)
+
+
+class HfAttentionPreTrainedModel(PreTrainedModel):
+    config: HfAttentionConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HfAttentionLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": HfAttentionLayer,
+        "attentions": HfAttentionAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, HfAttentionAttention) and module.attention_type == "additive":
+            init.normal_(module.additive_w_q, mean=0.0, std=module.head_dim**-0.5)
+            init.normal_(module.additive_w_k, mean=0.0, std=module.head_dim**-0.5)
+            init.zeros_(module.additive_b)
+            init.normal_(module.additive_v, mean=0.0, std=module.additive_v.shape[-1] ** -0.5)
+        elif isinstance(module, HfAttentionLMHead):
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+def _expand_positions(position_ids: torch.Tensor | None, length: int, offset: int, device) -> torch.Tensor:
+    if position_ids is None:
+        return (torch.arange(length, device=device) + offset).unsqueeze(0)
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    return position_ids
+
+
+class HfAttentionEmbeddings(nn.Module):
+    """Token (+ token type) (+ absolute position) embeddings; post-norm models normalise here as BERT does."""
+
+    def __init__(self, config: HfAttentionConfig, use_token_types: bool = True):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size)
+            if use_token_types and config.type_vocab_size > 0
+            else None
+        )
+        kind = config.position_embedding_type
+        self.position_embeddings: nn.Module | None = None
+        if kind == "learned":
+            self.position_embeddings = LearnedPositionalEmbedding(config.max_position_embeddings, config.hidden_size)
+        elif kind == "sinusoidal":
+            self.position_embeddings = SinusoidalPositionalEmbedding(config.hidden_size)
+        self.embed_scale = config.hidden_size**0.5 if config.scale_embedding else 1.0
+        self.layer_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "post" else None
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        embeddings = inputs_embeds * self.embed_scale
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.position_embeddings(position_ids).to(embeddings.dtype)
+        if self.layer_norm is not None:
+            embeddings = self.layer_norm(embeddings)
+        return self.dropout(embeddings)
+
+
+class HfAttentionStackMixin:
+    """Shared by encoder and decoder stacks: builds the per-forward AttentionInputs."""
+
+    def _build_positional(self, config: HfAttentionConfig, bidirectional: bool) -> None:
+        self.rotary_emb = (
+            RotaryEmbedding(config.head_dim, config.rope_theta) if config.position_embedding_type == "rope" else None
+        )
+        self.position_bias = build_bias_module(config, bidirectional=bidirectional)
+        self.sparse_pattern = None
+        if config.attention_type == "sparse":
+            self.sparse_pattern = make_sparse_pattern(
+                config.sparse_pattern,
+                window_size=config.sparse_window_size,
+                block_size=config.sparse_block_size,
+                stride=config.sparse_stride,
+                num_global_tokens=config.sparse_num_global_tokens,
+                num_random_blocks=config.sparse_num_random_blocks,
+                seed=config.sparse_seed,
+                max_positions=config.max_position_embeddings,
+            )
+
+    def _attention_inputs(
+        self,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dtype: torch.dtype,
+        causal: bool = False,
+        past_length: int = 0,
+    ) -> AttentionInputs:
+        q_len = position_ids.shape[-1]
+        k_len = past_length + q_len
+        if past_length:
+            # Keys of earlier steps: contiguous positions ending where the queries start.
+            k_positions = position_ids[:, :1] - past_length + torch.arange(k_len, device=position_ids.device)
+        else:
+            k_positions = position_ids
+        key_padding_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(
+                    f"attention_mask must be a 2-D [batch, key_length] padding mask, got shape "
+                    f"{tuple(attention_mask.shape)}."
+                )
+            if attention_mask.shape[-1] != k_len:
+                raise ValueError(
+                    f"attention_mask has {attention_mask.shape[-1]} positions but the keys have {k_len} "
+                    f"(past {past_length} + new {q_len})."
+                )
+            if not bool(attention_mask.all()):
+                key_padding_mask = attention_mask.to(torch.bool)
+        rotary = None
+        if self.rotary_emb is not None:
+            rotary = self.rotary_emb(position_ids, dtype=torch.float32)
+        return AttentionInputs(
+            q_positions=position_ids,
+            k_positions=k_positions,
+            key_padding_mask=key_padding_mask,
+            causal=causal,
+            q_offset=past_length,
+            rotary=rotary,
+            rotary_keys=rotary,
+            bias_module=self.position_bias,
+            pattern=self.sparse_pattern,
+        )
+
+
+class HfAttentionModel(HfAttentionStackMixin, HfAttentionPreTrainedModel):
+    """The encoder: bidirectional self-attention over token ids (or `inputs_embeds`)."""
+
+    def __init__(self, config: HfAttentionConfig, num_layers: int | None = None):
+        super().__init__(config)
+        num_layers = num_layers if num_layers is not None else config.num_hidden_layers
+        self.embeddings = HfAttentionEmbeddings(config)
+        self.layers = nn.ModuleList([HfAttentionLayer(config, i) for i in range(num_layers)])
+        self.final_layer_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
+        )
+        self._build_positional(config, bidirectional=True)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutput:
+        r"""
+        attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            1 for real tokens, 0 for padding.
+        position_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Positions of the tokens (default `0..L-1`). RoPE, ALiBi and relative bias depend only on differences.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        seq_len = reference.shape[1]
+        position_ids = _expand_positions(position_ids, seq_len, 0, reference.device)
+        hidden_states = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)
+        inputs = self._attention_inputs(position_ids, attention_mask, hidden_states.dtype)
+        output_attentions = bool(kwargs.get("output_attentions", self.config.output_attentions))
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, inputs, output_attentions=output_attentions)
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+class HfAttentionLMHead(nn.Module):
+    """BERT's prediction head (dense -> act -> norm -> decoder), so BERT MLM weights convert one to one."""
+
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.layer_norm(self.activation_fn(self.dense(hidden_states)))
+        return self.decoder(hidden_states) + self.bias
+
+
+class HfAttentionForMaskedLM(HfAttentionPreTrainedModel):
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__(config)
+        self.model = HfAttentionModel(config)
+        self.lm_head = HfAttentionLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MaskedLMOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids to predict; -100 is ignored.
+        """
+        outputs = self.model(
+            input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]).float(), labels.view(-1).to(logits.device))
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                              attentions=outputs.attentions)
+
+
+def pool_hidden_states(
+    hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
+) -> torch.Tensor:
+    """[CLS] (first token) or mean over real tokens."""
+    if pooling == "cls":
+        return hidden_states[:, 0]
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+    return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' rule: regression / single-label / multi-label from `problem_type` or the labels' dtype."""
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return MSELoss()(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return MSELoss()(logits, labels.to(logits.dtype))
+    if config.problem_type == "single_label_classification":
+        return CrossEntropyLoss()(logits.view(-1, num_labels), labels.view(-1))
+    if config.problem_type == "multi_label_classification":
+        return BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
+    raise ValueError(
+        f"problem_type={config.problem_type!r} is not valid; choose 'regression', "
+        "'single_label_classification' or 'multi_label_classification'."
+    )
+
+
+class HfAttentionClassificationHead(nn.Module):
+    """pooled -> dense -> tanh -> dropout -> projection (BERT pooler + classifier, RoBERTa/BART head)."""
+
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(torch.tanh(self.dense(pooled))))
+
+
+class HfAttentionForSequenceClassification(HfAttentionPreTrainedModel):
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__(config)
+        self.model = HfAttentionModel(config)
+        self.classifier = HfAttentionClassificationHead(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class ids (or floats for regression / multi-label), loss chosen as transformers does.
+        """
+        outputs = self.model(
+            input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
+        )
+        pooled = pool_hidden_states(outputs.last_hidden_state, attention_mask, self.config.pooling)
+        logits = self.classifier(pooled)
+        loss = classification_loss(self.config, logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        attentions=outputs.attentions)
+
+
+class HfAttentionForQuestionAnswering(HfAttentionPreTrainedModel):
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__(config)
+        self.model = HfAttentionModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> QuestionAnsweringModelOutput:
+        r"""
+        start_positions / end_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Token indices of the answer span; positions outside the sequence are ignored (BERT convention).
+        """
+        outputs = self.model(
+            input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.size(1)
+            start_positions = start_positions.view(-1).clamp(0, ignored).to(start_logits.device)
+            end_positions = end_positions.view(-1).clamp(0, ignored).to(end_logits.device)
+            loss_fct = CrossEntropyLoss(ignore_index=ignored)
+            loss = (loss_fct(start_logits, start_positions) + loss_fct(end_logits, end_positions)) / 2
+        return QuestionAnsweringModelOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
+
+
+class HfAttentionDecoder(HfAttentionStackMixin, HfAttentionPreTrainedModel):
+    """Causal self-attention stack (with a KV cache), and cross-attention when it serves an encoder-decoder.
+
+    Positional meaning in cross-attention (as T5): no positional term across the two sequences. Absolute
+    types (sinusoidal/learned) reach cross-attention through the hidden states of each side; rotary,
+    ALiBi and relative bias act only inside self-attention, because a distance between a target and a
+    source token has no meaning. Sparse patterns apply to self-attention (kept causal); cross-attention is
+    dense. Additive scoring applies to both, as in Bahdanau et al.
+    """
+
+    _can_record_outputs = {
+        "hidden_states": HfAttentionLayer,
+        "attentions": OutputRecorder(HfAttentionAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(HfAttentionAttention, index=1, layer_name="encoder_attn"),
+    }
+
+    def __init__(self, config: HfAttentionConfig, add_cross_attention: bool = False, num_layers: int | None = None):
+        super().__init__(config)
+        num_layers = num_layers if num_layers is not None else config.num_hidden_layers
+        self.add_cross_attention = add_cross_attention
+        self.embeddings = HfAttentionEmbeddings(config, use_token_types=False)
+        self.layers = nn.ModuleList(
+            [HfAttentionLayer(config, i, is_decoder=True, add_cross_attention=add_cross_attention)
+             for i in range(num_layers)]
+        )
+        self.final_layer_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
+        )
+        self._build_positional(config, bidirectional=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        r"""
+        attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
+            1 for real tokens, 0 for padding, over the cached and the new tokens.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, seq_len = reference.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = (
+                EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+                if self.add_cross_attention
+                else DynamicCache(config=self.config)
+            )
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        position_ids = _expand_positions(position_ids, seq_len, past_length, reference.device)
+        hidden_states = self.embeddings(input_ids, position_ids, None, inputs_embeds)
+        inputs = self._attention_inputs(
+            position_ids, attention_mask, hidden_states.dtype, causal=True, past_length=past_length
+        )
+        cross_inputs = None
+        if encoder_hidden_states is not None:
+            src_len = encoder_hidden_states.shape[1]
+            src_positions = torch.arange(src_len, device=reference.device)[None]
+            padding = None
+            if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
+                padding = encoder_attention_mask.to(torch.bool)
+            cross_inputs = AttentionInputs(q_positions=position_ids, k_positions=src_positions,
+                                           key_padding_mask=padding)
+        output_attentions = bool(kwargs.get("output_attentions", self.config.output_attentions))
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states, inputs, encoder_hidden_states, cross_inputs=cross_inputs,
+                past_key_values=past_key_values, output_attentions=output_attentions,
+            )
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
+
+
+def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int | None):
+    """BART/T5: decoder inputs are the labels shifted right behind the start token; -100 becomes padding."""
+    if decoder_start_token_id is None:
+        raise ValueError("config.decoder_start_token_id must be set to build decoder_input_ids from labels.")
+    if pad_token_id is None:
+        raise ValueError("config.pad_token_id must be set to build decoder_input_ids from labels.")
+    shifted = input_ids.new_zeros(input_ids.shape)
+    shifted[:, 1:] = input_ids[:, :-1].clone()
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+class HfAttentionEncoderDecoderModel(HfAttentionPreTrainedModel):
+    """Encoder + decoder sharing one token embedding (BART layout), without an LM head."""
+
+    _tied_weights_keys = {
+        "encoder.embeddings.word_embeddings.weight": "shared.weight",
+        "decoder.embeddings.word_embeddings.weight": "shared.weight",
+    }
+
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.encoder = HfAttentionModel(config, num_layers=config.encoder_layers)
+        self.decoder = HfAttentionDecoder(config, add_cross_attention=True, num_layers=config.decoder_layers)
+        self.encoder.embeddings.word_embeddings = self.shared
+        self.decoder.embeddings.word_embeddings = self.shared
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.shared = value
+        self.encoder.embeddings.word_embeddings = value
+        self.decoder.embeddings.word_embeddings = value
+
+    def get_encoder(self, modality: str | None = None) -> HfAttentionModel:
+        return self.encoder
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> Seq2SeqModelOutput:
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass decoder_input_ids, decoder_inputs_embeds, or input_ids to shift right.")
+            decoder_input_ids = shift_tokens_right(
+                input_ids, self.config.pad_token_id, self.config.decoder_start_token_id
+            )
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                return_dict=True, **kwargs,
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(
+                last_hidden_state=encoder_outputs[0],
+                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+            )
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            position_ids=decoder_position_ids,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            past_key_values=decoder_outputs.past_key_values,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+
+
+class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, GenerationMixin):
+    """Encoder-decoder with a tied LM head, for summarization; loss as BART/T5 (labels not shifted)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
+    _keys_to_ignore_on_load_missing = ["final_logits_bias"]
+
+    def __init__(self, config: HfAttentionConfig):
+        # generate() decides how to run from this flag; an encoder-decoder config must say so.
+        config.is_encoder_decoder = True
+        super().__init__(config)
+        self.model = HfAttentionEncoderDecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_encoder(self, modality: str | None = None) -> HfAttentionModel:
+        return self.model.encoder
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> Seq2SeqLMOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
+            Target ids, -100 ignored. Decoder inputs are built by shifting them right (not the loss).
+        """
+        if labels is not None:
+            use_cache = False
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = shift_tokens_right(
+                    labels, self.config.pad_token_id, self.config.decoder_start_token_id
+                )
+        outputs = self.model(
+            input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask, decoder_position_ids=decoder_position_ids,
+            encoder_outputs=encoder_outputs, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]).float(), labels.view(-1).to(logits.device))
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+
+
+class HfAttentionForCausalLM(HfAttentionPreTrainedModel, GenerationMixin):
+    """Decoder-only language model (the decoder stack without cross-attention)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__(config)
+        self.model = HfAttentionDecoder(config, add_cross_attention=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Usually `input_ids`; shifted inside the loss (next-token prediction), -100 ignored.
+        """
+        outputs = self.model(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "HfAttentionPreTrainedModel",
+    "HfAttentionDecoder",
+    "HfAttentionEncoderDecoderModel",
+    "HfAttentionForConditionalGeneration",
+    "HfAttentionForCausalLM",
+    "HfAttentionModel",
+    "HfAttentionForMaskedLM",
+    "HfAttentionForSequenceClassification",
+    "HfAttentionForQuestionAnswering",
+]

@@ -1,0 +1,1 @@
+"""Training support shared by the recipes: offline metrics and local-file dataset loaders."""
