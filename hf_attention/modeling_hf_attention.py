@@ -5,8 +5,10 @@ rotary q/k or score bias, sparse pattern, scoring, kernel -> residual -> norm ->
 The scoring algorithm is `config.attention_type`; the kernel is `config._attn_implementation`.
 """
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -354,6 +356,13 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
         "hidden_states": HfAttentionLayer,
         "attentions": HfAttentionAttention,
     }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also ship our pipelines module: transformers copies only the modeling code and its imports."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        pipelines_file = Path(__file__).with_name("pipelines_hf_attention.py")
+        if self._auto_class is not None and pipelines_file.exists() and Path(save_directory).is_dir():
+            shutil.copy(pipelines_file, Path(save_directory) / pipelines_file.name)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -1,0 +1,332 @@
+"""The accelerate training loop every recipe shares.
+
+It avoids the known defects of transformers' `run_*_no_trainer.py` scripts: resuming from the latest
+checkpoint really resumes (exactly: seedable sampler, `set_epoch`, RNG states), checkpoints are written
+once per optimiser step (not once per micro-batch inside an accumulation step), evaluation and logging
+do not depend on `--do_predict`, and mixed precision comes from `accelerate launch` alone.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+logger = get_logger(__name__)
+
+CHECKPOINT_DIR = re.compile(r"^(step|epoch)_(\d+)$")
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    log_with = None
+    if args.with_tracking and args.report_to != "none":
+        log_with = args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norms, embeddings' padding and 1-D parameters are left alone."""
+    norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+    no_decay: set[str] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if isinstance(module, norm_types) or param_name.endswith("bias") or param.ndim < 2:
+                no_decay.add(full)
+    decay, rest = [], []
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (rest if name in no_decay else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def latest_checkpoint(output_dir: str) -> Path | None:
+    """The checkpoint folder with the most progress (epoch_N counts as the end of epoch N)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = []
+    for child in folder.iterdir():
+        match = CHECKPOINT_DIR.match(child.name)
+        if child.is_dir() and match:
+            found.append((child.stat().st_mtime, child))
+    return max(found)[1] if found else None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class JsonlLogger:
+    """A plain log that is always written (main process), whatever trackers are on."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record, default=float) + "\n")
+
+
+def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Trackers accept scalars and strings only."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+
+
+class RecipeRunner:
+    """Owns the accelerate objects and the loop; a recipe supplies data, a model and an evaluate function."""
+
+    def __init__(self, args: argparse.Namespace, accelerator: Accelerator):
+        self.args = args
+        self.accelerator = accelerator
+        self.output_dir = Path(args.output_dir)
+        self.jsonl = JsonlLogger(self.output_dir / "log.jsonl", accelerator.is_main_process)
+        self.completed_steps = 0
+        self.train_loss: float | None = None
+        self.train_runtime = 0.0
+        self.train_samples = 0
+
+    def init_trackers(self, task: str) -> None:
+        if not self.args.with_tracking or self.args.report_to == "none":
+            return
+        run_name = self.args.run_name or self.output_dir.name
+        init_kwargs: dict[str, dict[str, Any]] = {"wandb": {"name": run_name, "dir": str(self.output_dir)}}
+        if self.args.sweep_name:
+            init_kwargs["wandb"]["group"] = self.args.sweep_name
+            init_kwargs["wandb"]["tags"] = [self.args.sweep_name, task]
+        self.accelerator.init_trackers(self.args.project_name, config=tracker_config(self.args),
+                                       init_kwargs=init_kwargs)
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        self.jsonl.log({"step": step, **values})
+        if self.args.with_tracking and self.args.report_to != "none":
+            self.accelerator.log(values, step=step)
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        train_dataloader,
+        evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
+        loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+    ) -> torch.nn.Module:
+        """Train with accumulation, clipping, scheduling, checkpoints and exact resume; returns the prepared model."""
+        args, accelerator = self.args, self.accelerator
+        if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
+        processes = accelerator.num_processes
+        updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps / processes)
+        max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+        num_epochs = math.ceil(max_steps / max(updates_per_epoch, 1))
+        scheduler = get_scheduler(
+            args.lr_scheduler_type, optimizer=optimizer,
+            num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+            num_training_steps=max_steps * accelerator.num_processes,
+        )
+        model, optimizer, train_dataloader, scheduler = accelerator.prepare(
+            model, optimizer, train_dataloader, scheduler
+        )
+        updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        num_epochs = math.ceil(max_steps / max(updates_per_epoch, 1))
+
+        start_epoch, resume_batches = 0, 0
+        if args.resume_from_checkpoint is not None:
+            checkpoint = (
+                Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else latest_checkpoint(args.output_dir)
+            )
+            if checkpoint is None or not checkpoint.is_dir():
+                raise SystemExit(
+                    f"--resume_from_checkpoint: no checkpoint found "
+                    f"({args.resume_from_checkpoint or 'latest in ' + args.output_dir})"
+                )
+            accelerator.print(f"Resuming from {checkpoint}")
+            accelerator.load_state(str(checkpoint))
+            kind, number = CHECKPOINT_DIR.match(checkpoint.name).groups()
+            if kind == "epoch":
+                start_epoch, self.completed_steps = int(number) + 1, (int(number) + 1) * updates_per_epoch
+            else:
+                self.completed_steps = int(number)
+                start_epoch = self.completed_steps // updates_per_epoch
+                resume_batches = (self.completed_steps % updates_per_epoch) * args.gradient_accumulation_steps
+        progress = tqdm(total=max_steps, initial=self.completed_steps, disable=not accelerator.is_local_main_process)
+        step_every = int(args.checkpointing_steps) if str(args.checkpointing_steps).isdigit() else None
+        started = time.perf_counter()
+        running_loss, running_count, epoch_losses = 0.0, 0, []
+        for epoch in range(start_epoch, num_epochs):
+            model.train()
+            if hasattr(train_dataloader, "set_epoch"):
+                train_dataloader.set_epoch(epoch)
+            batches = train_dataloader
+            if epoch == start_epoch and resume_batches:
+                batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                detached = loss.detach().float()
+                running_loss += float(accelerator.reduce(detached, reduction="mean"))
+                running_count += 1
+                self.train_samples += _batch_size(batch) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                self.completed_steps += 1
+                progress.update(1)
+                if self.completed_steps % args.logging_steps == 0 or self.completed_steps == max_steps:
+                    mean = running_loss / max(running_count, 1)
+                    epoch_losses.append(mean)
+                    self.log({"train_loss": mean, "learning_rate": scheduler.get_last_lr()[0], "epoch": epoch},
+                             step=self.completed_steps)
+                    running_loss, running_count = 0.0, 0
+                if step_every and self.completed_steps % step_every == 0:
+                    self.save_checkpoint(f"step_{self.completed_steps}")
+                if self.completed_steps >= max_steps:
+                    break
+            if running_count:
+                epoch_losses.append(running_loss / running_count)
+                running_loss, running_count = 0.0, 0
+            if evaluate is not None and args.do_eval:
+                metrics = evaluate(model, epoch)
+                self.log({**metrics, "epoch": epoch}, step=self.completed_steps)
+                accelerator.print(f"epoch {epoch}: {metrics}")
+            if args.checkpointing_steps == "epoch":
+                self.save_checkpoint(f"epoch_{epoch}")
+            if self.completed_steps >= max_steps:
+                break
+        progress.close()
+        self.train_runtime = time.perf_counter() - started
+        self.train_loss = epoch_losses[-1] if epoch_losses else None
+        return model
+
+    def save_checkpoint(self, name: str) -> None:
+        self.accelerator.save_state(str(self.output_dir / name))
+
+    def finish(self, model: torch.nn.Module, processor, metrics: dict[str, Any], card: str,
+               extra_files: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Save the model folder (weights, processor, generation config), all_results.json and a model card."""
+        accelerator, args = self.accelerator, self.args
+        accelerator.wait_for_everyone()
+        unwrapped = accelerator.unwrap_model(model)
+        results = dict(metrics)
+        results.update({
+            "train_loss": self.train_loss,
+            "train_runtime": round(self.train_runtime, 3),
+            "train_samples_per_second": (
+                round(self.train_samples / self.train_runtime, 3) if self.train_runtime else None
+            ),
+            "train_steps": self.completed_steps,
+            "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
+            "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+            "num_processes": accelerator.num_processes,
+        })
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(args.output_dir, is_main_process=True, save_function=accelerator.save)
+            if processor is not None:
+                processor.save_pretrained(args.output_dir)
+            (self.output_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=float))
+            (self.output_dir / "README.md").write_text(card + "\n" + _metrics_markdown(results))
+            for name, content in (extra_files or {}).items():
+                (self.output_dir / name).write_text(json.dumps(content, indent=2) if not isinstance(content, str)
+                                                    else content)
+        self.log({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=self.completed_steps)
+        if args.with_tracking and args.report_to != "none":
+            accelerator.end_training()
+        if args.push_to_hub and accelerator.is_main_process:
+            push_folder(args)
+        accelerator.wait_for_everyone()
+        return results
+
+
+def push_folder(args: argparse.Namespace) -> None:
+    """Upload the model folder (not the step_/epoch_ training states) to the Hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.hub_token)
+    api.create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token)
+    api.upload_folder(
+        repo_id=args.hub_model_id, folder_path=args.output_dir, commit_message="End of training",
+        ignore_patterns=["step_*", "epoch_*", "log.jsonl", "wandb/*", "runs/*", "tensorboard/*", "*.pt"],
+        token=args.hub_token,
+    )
+
+
+def _batch_size(batch) -> int:
+    # BatchEncoding (what DataCollatorWithPadding returns) is a UserDict, not a dict: test for Mapping.
+    for value in (batch.values() if isinstance(batch, Mapping) else batch):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return 0
+
+
+def _metrics_markdown(results: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in results.items())
+    return f"\n## Results\n\n| metric | value |\n|---|---|\n{rows}\n"
+
+
+def model_card(task: str, args: argparse.Namespace, config, dataset_desc: str) -> str:
+    variant = ", ".join(
+        f"{name}={getattr(config, name)}" for name in (
+            "attention_type", "position_embedding_type", "sparse_pattern", "norm_position"
+        ) if getattr(config, name, None) is not None and (name != "sparse_pattern"
+                                                        or getattr(config, "attention_type", "") == "sparse")
+    )
+    return (
+        f"---\nlibrary_name: transformers\ntags:\n- hf_attention\n- {task}\n---\n\n"
+        f"# {Path(args.output_dir).name}\n\n"
+        f"Trained with the hf_attention `{task}` recipe.\n\n"
+        f"- Model type: `{getattr(config, 'model_type', '?')}` ({type(config).__name__})\n"
+        f"- Attention variant: {variant or 'source architecture'}\n"
+        f"- Data: {dataset_desc}\n"
+        f"- Started from: {args.model_name_or_path or 'random initialisation'}\n"
+        f"- Seed: {args.seed}; learning rate {args.learning_rate}; epochs {args.num_train_epochs}; "
+        f"max steps {args.max_train_steps}\n\n"
+        "Load it with `AutoModel*.from_pretrained(path, trust_remote_code=True)`.\n"
+    )
+
+
+def cleanup_checkpoints(output_dir: str, keep: int | None) -> None:
+    if keep is None:
+        return
+    folders = sorted((p for p in Path(output_dir).iterdir() if CHECKPOINT_DIR.match(p.name)),
+                     key=lambda p: p.stat().st_mtime)
+    for folder in folders[:-keep] if keep else folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
