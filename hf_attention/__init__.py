@@ -6,18 +6,31 @@ Importing the package registers the config and every model with transformers' Au
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
 )
 
 from .configuration_hf_attention import HfAttentionConfig
 from .modeling_hf_attention import (
+    HfAttentionDecoder,
+    HfAttentionEncoderDecoderModel,
+    HfAttentionForCausalLM,
+    HfAttentionForConditionalGeneration,
     HfAttentionForMaskedLM,
     HfAttentionForQuestionAnswering,
     HfAttentionForSequenceClassification,
     HfAttentionModel,
     HfAttentionPreTrainedModel,
+)
+from .modeling_hf_attention_vision import (
+    HfAttentionForImageClassification,
+    HfAttentionVisionModel,
+    HfAttentionVisionPreTrainedModel,
+    make_image_processor,
 )
 
 __version__ = "0.1.0"
@@ -27,6 +40,9 @@ _AUTO_CLASSES = {
     "AutoModelForMaskedLM": (AutoModelForMaskedLM, HfAttentionForMaskedLM),
     "AutoModelForSequenceClassification": (AutoModelForSequenceClassification, HfAttentionForSequenceClassification),
     "AutoModelForQuestionAnswering": (AutoModelForQuestionAnswering, HfAttentionForQuestionAnswering),
+    "AutoModelForSeq2SeqLM": (AutoModelForSeq2SeqLM, HfAttentionForConditionalGeneration),
+    "AutoModelForCausalLM": (AutoModelForCausalLM, HfAttentionForCausalLM),
+    "AutoModelForImageClassification": (AutoModelForImageClassification, HfAttentionForImageClassification),
 }
 
 AutoConfig.register(HfAttentionConfig.model_type, HfAttentionConfig, exist_ok=True)
@@ -42,4 +58,12 @@ __all__ = [
     "HfAttentionForMaskedLM",
     "HfAttentionForSequenceClassification",
     "HfAttentionForQuestionAnswering",
+    "HfAttentionDecoder",
+    "HfAttentionEncoderDecoderModel",
+    "HfAttentionForConditionalGeneration",
+    "HfAttentionForCausalLM",
+    "HfAttentionVisionPreTrainedModel",
+    "HfAttentionVisionModel",
+    "HfAttentionForImageClassification",
+    "make_image_processor",
 ]

@@ -6,17 +6,18 @@ autograd keeps it alive for the backward. Here a custom ``torch.autograd.Functio
 ``a`` as it goes and its backward recomputes the elementwise part tile by tile, so memory stays
 O(B H Lq Lk) like any dense attention.
 
-Speed on CPU comes from an identity rather than from ``tanh`` itself (ATen's vectorised tanh is
-about 4x slower than an exp or a division on this kind of CPU): with ``E = exp(2 qa)`` and
+Speed on CPU comes from an identity rather than from ``tanh`` itself (ATen's and inductor's tanh
+are 3-10x slower than an exp or a division on this CPU): with ``E = exp(2 qa)`` and
 ``F = exp(2 ka)`` computed once per token,
 
     tanh(qa_i + ka_j) = 1 - 2 r_ij,   r_ij = 1 / (1 + E_i F_j),   1 - tanh^2 = 4 r_ij (1 - r_ij),
 
 so each of the Lq x Lk x A elements costs a multiply-add and a reciprocal. The identity is exact
 as long as ``exp(+-2 x)`` neither overflows nor underflows; ``qa`` and ``ka`` are first shifted by
-opposite per-feature constants (which leaves every sum ``qa_i + ka_j`` unchanged) and the tanh form
-is used whenever the shifted values still leave the safe range. The tanh form is also what runs on
-accelerators (where tanh is cheap and a range check would cost a host sync).
+opposite per-feature constants (which leaves every sum ``qa_i + ka_j`` unchanged) and when the
+shifted values still leave the safe range, ``r = sigmoid(-2 (qa_i + ka_j))`` is used instead (no
+range limit, still faster than tanh). The sigmoid form is also what runs on accelerators, where
+the range check would cost a host sync.
 
 Two executors share these formulas: a lazily built ``torch.compile`` kernel (fused reductions,
 nothing five-dimensional is stored, used for large inputs) and an eager loop over tiles whose size
@@ -28,6 +29,7 @@ This file is copied next to saved models and imported as remote code: torch and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -38,13 +40,14 @@ import torch.nn.functional as F
 
 __all__ = ["additive_attention", "additive_scores", "naive_additive_scores"]
 
-#: Default size of one eager tile buffer. A few MB keeps the tile in the L2/L3 cache, where the
-#: several passes per tile are cheap, while keeping per-op Python overhead small.
-DEFAULT_CHUNK_BYTES = 4 * 2**20
+#: Default size of one eager tile buffer: large enough that per-op overhead and thread wake-ups
+#: (several ops per tile) stay small, small enough to live in the last-level cache.
+DEFAULT_CHUNK_BYTES = 16 * 2**20
 CHUNK_ENV = "HF_ATTENTION_ADDITIVE_CHUNK_MB"
 DISABLE_COMPILE_ENV = "HF_ATTENTION_DISABLE_COMPILE"
-#: Below this many (b, h, i, j, a) elements the eager loop is faster than paying a compile.
-COMPILE_MIN_ELEMENTS = 2**24
+#: "auto" compiles from this many (b, h, i, j, a) elements on (8 heads x 512 x 512 x 32): below
+#: it the eager tiles take tens of ms, and the 10-40 s first compile would not pay for itself.
+COMPILE_MIN_ELEMENTS = 2**26
 
 _BACKENDS = ("auto", "eager", "compile")
 _compiled: dict[str, Callable[..., object]] = {}
@@ -105,46 +108,63 @@ def _tiles(n: int, lq: int, lk: int, plan: tuple[int, int, int]) -> Iterator[tup
 
 
 # --------------------------------------------------------------------------------------------
-# formulas shared by the eager tiles and the compiled kernels
-#   "exp":  inputs are E = exp(2 qa), F = exp(2 ka); r = 1 / (1 + E F); tanh = 1 - 2 r
-#   "tanh": inputs are qa, ka;                      t = tanh(qa + ka)
+# formulas shared by the eager tiles and the compiled kernels. Both forms produce
+#   r_ij = 1 / (1 + exp(2 (qa_i + ka_j))),  tanh = 1 - 2 r,  1 - tanh^2 = 4 r (1 - r)
+# from per-token inputs x [B, H, Lq, A], y [B, H, Lk, A] (and v [H, A]):
+#   "exp":     x = exp(2 qa), y = exp(2 ka), r = 1 / (1 + x y)   (a multiply-add and a reciprocal)
+#   "sigmoid": x = -2 qa,     y = -2 ka,     r = sigmoid(x + y)  (no range limit, ~3x slower on CPU)
 # --------------------------------------------------------------------------------------------
-def _fwd_exp(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    r = torch.reciprocal(1 + x[:, :, None, :] * y[:, None, :, :])
+def _r_exp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.reciprocal(1 + x[..., :, None, :] * y[..., None, :, :])
+
+
+def _r_sigmoid(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(x[..., :, None, :] + y[..., None, :, :])
+
+
+def _fwd_from_r(r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # r [B, H, Lq, Lk, A], v [H, A]: score = sum_a v_a (1 - 2 r_a)
     return v.sum(-1)[:, None, None] - 2 * (r * v[:, None, None, :]).sum(-1)
 
 
-def _fwd_tanh(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (torch.tanh(x[:, :, None, :] + y[:, None, :, :]) * v[:, None, None, :]).sum(-1)
+def _bwd_from_r(
+    r: torch.Tensor, v: torch.Tensor, ds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Written so that inductor emits two loop nests that recompute r (one reducing over keys for
+    # dx, one over queries for dy and dv) and stores nothing of size B x H x Lq x Lk x A.
+    g = ds[..., None] * r
+    w = g - g * r  # g r (1 - r) = g (1 - tanh^2) / 4
+    dx = 4 * v[:, None, :] * w.sum(3)
+    dy = 4 * v[:, None, :] * w.sum(2)
+    dv = ds.sum((0, 2, 3))[:, None] - 2 * g.sum(2).sum((0, 2))
+    return dx, dy, dv
+
+
+def _fwd_exp(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _fwd_from_r(_r_exp(x, y), v)
+
+
+def _fwd_sigmoid(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _fwd_from_r(_r_sigmoid(x, y), v)
 
 
 def _bwd_exp(
     x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, ds: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r = torch.reciprocal(1 + x[:, :, None, :] * y[:, None, :, :])
-    w = ds[..., None] * (r - r * r)
-    dx = 4 * v[:, None, :] * w.sum(2)
-    dy = 4 * v[:, None, :] * w.sum(1)
-    dv = ds.sum((1, 2))[:, None] - 2 * (ds[..., None] * r).sum((1, 2))
-    return dx, dy, dv
+    return _bwd_from_r(_r_exp(x, y), v, ds)
 
 
-def _bwd_tanh(
+def _bwd_sigmoid(
     x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, ds: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    t = torch.tanh(x[:, :, None, :] + y[:, None, :, :])
-    w = ds[..., None] * (1 - t * t)
-    dx = v[:, None, :] * w.sum(2)
-    dy = v[:, None, :] * w.sum(1)
-    dv = (ds[..., None] * t).sum((1, 2))
-    return dx, dy, dv
+    return _bwd_from_r(_r_sigmoid(x, y), v, ds)
 
 
 _KERNELS: dict[str, Callable[..., object]] = {
     "fwd_exp": _fwd_exp,
-    "fwd_tanh": _fwd_tanh,
+    "fwd_sigmoid": _fwd_sigmoid,
     "bwd_exp": _bwd_exp,
-    "bwd_tanh": _bwd_tanh,
+    "bwd_sigmoid": _bwd_sigmoid,
 }
 
 
@@ -171,6 +191,14 @@ def _warn_compile_failure(err: BaseException) -> None:
     _compile_failed = True
 
 
+def _fail_on_recompile_limit() -> contextlib.AbstractContextManager[object]:
+    """Past its recompile limit dynamo would silently run the plain broadcast (5-D memory): raise."""
+    config = getattr(getattr(torch, "_dynamo", None), "config", None)
+    if config is None or not hasattr(config, "fail_on_recompile_limit_hit"):  # other torch versions
+        return contextlib.nullcontext()
+    return config.patch(fail_on_recompile_limit_hit=True)
+
+
 def _run_compiled(name: str, *args: torch.Tensor) -> object | None:
     """Call a compiled kernel; ``None`` (after a one-time warning) if compiling is impossible."""
     if _compile_failed:
@@ -179,7 +207,8 @@ def _run_compiled(name: str, *args: torch.Tensor) -> object | None:
     if fn is None:
         return None
     try:
-        return fn(*args)
+        with _fail_on_recompile_limit():
+            return fn(*args)
     except Exception as err:  # noqa: BLE001 - inductor/toolchain errors of many kinds
         _warn_compile_failure(err)
         return None
@@ -188,61 +217,60 @@ def _run_compiled(name: str, *args: torch.Tensor) -> object | None:
 # --------------------------------------------------------------------------------------------
 # eager tiles
 # --------------------------------------------------------------------------------------------
+def _fill_r(out: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, form: str) -> torch.Tensor:
+    """Write r for one tile into ``out`` ([m, nq, nk, A]) in two in-place passes."""
+    if form == "exp":
+        one = torch.ones((), dtype=out.dtype, device=out.device)
+        return torch.addcmul(one, xs[:, :, None, :], ys[:, None, :, :], out=out).reciprocal_()
+    return torch.add(xs[:, :, None, :], ys[:, None, :, :], out=out).sigmoid_()
+
+
 def _eager_forward(
     x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, form: str, plan: tuple[int, int, int]
 ) -> torch.Tensor:
-    n, lq, a = x.shape
-    lk = y.shape[1]
-    out = x.new_empty(n, lq, lk)
-    vsum = v.sum(-1)
-    tn, tq, tk = plan
-    buf = x.new_empty(tn * tq * tk * a)
-    one = x.new_ones(())
+    b, h, lq, a = x.shape
+    lk = y.shape[2]
+    n = b * h
+    x, y, vn = x.reshape(n, lq, a), y.reshape(n, lk, a), v.repeat(b, 1)  # row b*H + h of vn is v[h]
+    # Allocated 4-D (not a view of a 3-D result): callers may modify the scores in place.
+    scores = x.new_empty(b, h, lq, lk)
+    out = scores.view(n, lq, lk)
+    buf = x.new_empty(math.prod(plan) * a)  # one tile buffer, reused
     for sn, sq, sk in _tiles(n, lq, lk, plan):
-        xs, ys, vs = x[sn, sq], y[sn, sk], v[sn]
-        t = buf[: xs.shape[0] * xs.shape[1] * ys.shape[1] * a].view(xs.shape[0], xs.shape[1], ys.shape[1], a)
-        if form == "exp":
-            torch.addcmul(one, xs[:, :, None, :], ys[:, None, :, :], out=t).reciprocal_()
-        else:
-            torch.add(xs[:, :, None, :], ys[:, None, :, :], out=t).tanh_()
-        red = torch.bmm(t.view(t.shape[0], -1, a), vs[:, :, None]).view(t.shape[:3])
-        if form == "exp":
-            red = vsum[sn, None, None] - 2 * red
-        out[sn, sq, sk] = red
-    return out
+        xs, ys = x[sn, sq], y[sn, sk]
+        m, nq, nk = xs.shape[0], xs.shape[1], ys.shape[1]
+        r = _fill_r(buf[: m * nq * nk * a].view(m, nq, nk, a), xs, ys, form)
+        torch.bmm(r.view(m, nq * nk, a), vn[sn, :, None], out=out[sn, sq, sk].view(m, nq * nk, 1))
+    # score = sum_a v_a (1 - 2 r_a)
+    return scores.mul_(-2).add_(v.sum(-1)[:, None, None])
 
 
 def _eager_backward(
     x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, ds: torch.Tensor, form: str, plan: tuple[int, int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, lq, a = x.shape
-    lk = y.shape[1]
-    dx, dy, dv = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(v)
-    tn, tq, tk = plan
-    buf = x.new_empty(tn * tq * tk * a)
-    one = x.new_ones(())
+    b, h, lq, a = x.shape
+    lk = y.shape[2]
+    n = b * h
+    x, y, ds = x.reshape(n, lq, a), y.reshape(n, lk, a), ds.reshape(n, lq, lk)
+    dx, dy, dv = torch.zeros_like(x), torch.zeros_like(y), x.new_zeros(n, a)
+    buf = x.new_empty(math.prod(plan) * a)
+    ones = x.new_ones(plan[0], 1, plan[1])
+    # Every reduction over the tile is a batched vector-matrix product: faster than sum() here.
     for sn, sq, sk in _tiles(n, lq, lk, plan):
         xs, ys, g = x[sn, sq], y[sn, sk], ds[sn, sq, sk]
         m, nq, nk = g.shape
-        t = buf[: m * nq * nk * a].view(m, nq, nk, a)
-        if form == "exp":
-            torch.addcmul(one, xs[:, :, None, :], ys[:, None, :, :], out=t).reciprocal_()  # r
-        else:
-            torch.add(xs[:, :, None, :], ys[:, None, :, :], out=t).tanh_()  # t
-        # dv: sum_ij g_ij * t_ija, one (1 x nq nk) @ (nq nk x a) product per head
-        dv[sn] += torch.bmm(g.reshape(m, 1, nq * nk), t.view(m, nq * nk, a)).view(m, a)
-        if form == "exp":
-            t.addcmul_(t, t, value=-1)  # r (1 - r) = (1 - tanh^2) / 4
-        else:
-            torch.addcmul(one, t, t, value=-1, out=t)  # 1 - tanh^2
-        # dx: sum_j g_ij s_ija, one (1 x nk) @ (nk x a) product per (head, query)
-        dx[sn, sq] += torch.bmm(g.reshape(m * nq, 1, nk), t.view(m * nq, nk, a)).view(m, nq, a)
-        dy[sn, sk] += t.mul_(g[..., None]).sum(1)
-    scale = 4.0 if form == "exp" else 1.0
-    dx.mul_(v[:, None, :] * scale)
-    dy.mul_(v[:, None, :] * scale)
-    if form == "exp":
-        dv = ds.sum((1, 2))[:, None] - 2 * dv
+        r = _fill_r(buf[: m * nq * nk * a].view(m, nq, nk, a), xs, ys, form)
+        # dv needs sum_ij g_ij r_ija
+        dv[sn].add_(torch.bmm(g.reshape(m, 1, nq * nk), r.view(m, nq * nk, a)).view(m, a))
+        s = r.addcmul_(r, r, value=-1)  # r (1 - r) = (1 - tanh^2) / 4
+        # dx: sum_j g_ij s_ija;  dy: sum_i g_ij s_ija
+        dx[sn, sq].add_(torch.bmm(g.reshape(m * nq, 1, nk), s.view(m * nq, nk, a)).view(m, nq, a))
+        w = s.mul_(g[..., None]).view(m, nq, nk * a)
+        dy[sn, sk].add_(torch.bmm(ones[:m, :, :nq], w).view(m, nk, a))
+    scale = 4 * v[:, None, :]
+    dx = dx.view(b, h, lq, a).mul_(scale)
+    dy = dy.view(b, h, lk, a).mul_(scale)
+    dv = ds.sum((1, 2)).view(b, h).sum(0)[:, None] - 2 * dv.view(b, h, a).sum(0)
     return dx, dy, dv
 
 
@@ -250,19 +278,24 @@ def _eager_backward(
 # autograd
 # --------------------------------------------------------------------------------------------
 def _prepare(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Pick the formula and build its per-token inputs (``[N, L, A]`` in the compute dtype)."""
+    """Pick the form and build its per-token inputs x, y (``[B, H, L, A]``, compute dtype).
+
+    The exp form needs a data-dependent range check (a host sync), so it is only tried on CPU,
+    where it is about 3x faster than the sigmoid form; accelerators always use sigmoid.
+    """
     if q.device.type != "cpu" or q.numel() == 0 or k.numel() == 0:
-        return q, k, "tanh"
-    # Opposite per-feature shifts leave every q_i + k_j unchanged and centre both ranges.
-    c = (q.amax(1, keepdim=True) + q.amin(1, keepdim=True) - k.amax(1, keepdim=True) - k.amin(1, keepdim=True)) / 4
-    qs, ks = q - c, k + c
-    # |x| <= limit keeps exp(+-2x) and the products of two of them inside the normal range
-    # except where tanh is saturated anyway (then r is exactly 0 or 1, which is right).
+        return -2 * q, -2 * k, "sigmoid"
+    # Opposite per-feature shifts c leave every q_i + k_j unchanged and centre both ranges.
+    q_min, q_max = torch.aminmax(q, dim=-2, keepdim=True)
+    k_min, k_max = torch.aminmax(k, dim=-2, keepdim=True)
+    c = (q_max + q_min - k_max - k_min) / 4
+    # |x| <= limit keeps exp(+-2x) inside the normal range; a product of two such factors can
+    # only overflow or underflow where tanh is saturated anyway (r is then exactly 0 or 1).
     limit = 0.45 * math.log(torch.finfo(q.dtype).max)
-    bound = torch.maximum(qs.abs().amax(), ks.abs().amax())
-    if not bool(bound <= limit):  # also False for NaN: the tanh form propagates it
-        return q, k, "tanh"
-    return torch.exp(2 * qs), torch.exp(2 * ks), "exp"
+    bound = torch.stack([q_max - c, c - q_min, k_max + c, -c - k_min]).amax()
+    if not bool(bound <= limit):  # also False for NaN, which the sigmoid form propagates
+        return -2 * q, -2 * k, "sigmoid"
+    return torch.exp((q - c).mul_(2)), torch.exp((k + c).mul_(2)), "exp"
 
 
 def _use_compile(backend: str, elements: int) -> bool:
@@ -282,42 +315,39 @@ class _AdditiveScores(torch.autograd.Function):
         v: torch.Tensor,
         backend: str,
         chunk_bytes: int,
+        out_dtype: torch.dtype,
     ) -> torch.Tensor:
         b, h, lq, a = q_proj.shape
         lk = k_proj.shape[2]
         acc = _acc_dtype(torch.promote_types(torch.promote_types(q_proj.dtype, k_proj.dtype), v.dtype))
-        q = q_proj.reshape(b * h, lq, a).to(acc)
-        k = k_proj.reshape(b * h, lk, a).to(acc)
-        vn = v.to(acc).repeat(b, 1)  # [B*H, A], row b*H + h is v[h]
-        x, y, form = _prepare(q, k)
+        x, y, form = _prepare(q_proj.to(acc), k_proj.to(acc))
+        v_acc = v.to(acc)
         compiled = _use_compile(backend, b * h * lq * lk * a)
-        scores = _run_compiled(f"fwd_{form}", x, y, vn) if compiled else None
+        scores = _run_compiled(f"fwd_{form}", x, y, v_acc) if compiled else None
         if scores is None:
             plan = plan_tiles(b * h, lq, lk, a, x.element_size(), chunk_bytes)
-            scores = _eager_forward(x, y, vn, form, plan)
-        ctx.save_for_backward(x, y, vn)
+            scores = _eager_forward(x, y, v_acc, form, plan)
+        ctx.save_for_backward(x, y, v_acc)
         ctx.form, ctx.compiled, ctx.chunk_bytes = form, compiled, chunk_bytes
-        ctx.shapes = (b, h, lq, lk, a)
         ctx.dtypes = (q_proj.dtype, k_proj.dtype, v.dtype)
-        return scores.view(b, h, lq, lk).to(q_proj.dtype)
+        if scores._base is not None:  # type: ignore[union-attr]
+            scores = scores.clone()  # type: ignore[union-attr]  # a view could not be modified in place
+        return scores.to(out_dtype)  # type: ignore[union-attr]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        x, y, vn = ctx.saved_tensors
-        b, h, lq, lk, a = ctx.shapes
-        ds = grad.reshape(b * h, lq, lk).to(x.dtype)
-        grads = _run_compiled(f"bwd_{ctx.form}", x, y, vn, ds) if ctx.compiled else None
+        x, y, v = ctx.saved_tensors
+        ds = grad.to(x.dtype).contiguous()
+        grads = _run_compiled(f"bwd_{ctx.form}", x, y, v, ds) if ctx.compiled else None
         if grads is None:
-            plan = plan_tiles(b * h, lq, lk, a, x.element_size(), ctx.chunk_bytes)
-            grads = _eager_backward(x, y, vn, ds, ctx.form, plan)
+            b, h, lq, a = x.shape
+            plan = plan_tiles(b * h, lq, y.shape[2], a, x.element_size(), ctx.chunk_bytes)
+            grads = _eager_backward(x, y, v, ds, ctx.form, plan)
         dx, dy, dv = grads  # type: ignore[misc]
-        dq = dx.view(b, h, lq, a).to(ctx.dtypes[0])
-        dk = dy.view(b, h, lk, a).to(ctx.dtypes[1])
-        dvh = dv.view(b, h, a).sum(0).to(ctx.dtypes[2])
-        return dq, dk, dvh, None, None
+        return dx.to(ctx.dtypes[0]), dy.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None, None
 
 
 def additive_scores(
@@ -333,12 +363,24 @@ def additive_scores(
     Never materialises the full B x H x Lq x Lk x A tensor, forward nor backward.
     ``backend``: "auto" compiles for large inputs (falls back to eager if compiling fails),
     "eager" always tiles, "compile" compiles whatever the size. ``chunk_bytes`` bounds one eager
-    tile (default 4 MB, or ``HF_ATTENTION_ADDITIVE_CHUNK_MB``).
+    tile (default 16 MB, or ``HF_ATTENTION_ADDITIVE_CHUNK_MB``).
     """
+    return _scores(q_proj, k_proj, v, backend, chunk_bytes, q_proj.dtype)
+
+
+def _scores(
+    q_proj: torch.Tensor,
+    k_proj: torch.Tensor,
+    v: torch.Tensor,
+    backend: str,
+    chunk_bytes: int | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if q_proj.dim() != 4 or k_proj.dim() != 4:
-        raise ValueError(f"q_proj and k_proj must be [B, H, L, A], got {tuple(q_proj.shape)}, {tuple(k_proj.shape)}")
+        shapes = f"{tuple(q_proj.shape)}, {tuple(k_proj.shape)}"
+        raise ValueError(f"q_proj and k_proj must be [B, H, L, A], got {shapes}")
     b, h, _, a = q_proj.shape
     if k_proj.shape[:2] != q_proj.shape[:2] or k_proj.shape[-1] != a:
         raise ValueError(f"k_proj {tuple(k_proj.shape)} does not match q_proj {tuple(q_proj.shape)}")
@@ -347,8 +389,8 @@ def additive_scores(
     budget = _chunk_bytes(chunk_bytes)
     if torch.compiler.is_compiling():
         # Inside a user's torch.compile the outer compiler fuses the broadcast forward itself.
-        return naive_additive_scores(q_proj, k_proj, v)
-    return _AdditiveScores.apply(q_proj, k_proj, v, backend, budget)
+        return naive_additive_scores(q_proj, k_proj, v).to(out_dtype)
+    return _AdditiveScores.apply(q_proj, k_proj, v, backend, budget, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,20 +425,29 @@ def additive_attention(
     if b is not None:
         qa = qa + b[:, None, :]
     ka = torch.matmul(key, w_k.unsqueeze(0))
-    scores = additive_scores(qa, ka, v, backend=backend, chunk_bytes=chunk_bytes)
-    scores = scores.to(_acc_dtype(scores.dtype))
+    # float32 scores straight from the kernel for half/bf16 (no round trip through half); the
+    # result is a fresh tensor that autograd does not save, so the bias can be added in place.
+    scores = _scores(qa, ka, v, backend, chunk_bytes, _acc_dtype(qa.dtype))
     if attention_bias is not None:
         if attention_bias.dtype == torch.bool:
             attention_bias = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(
                 ~attention_bias, float("-inf")
             )
-        scores = scores + attention_bias.to(scores.dtype)
-    if scores.shape[-1] == 0:
-        probs = scores
+        attention_bias = attention_bias.to(scores.dtype)
+        if torch.broadcast_shapes(scores.shape, attention_bias.shape) == scores.shape:
+            scores = scores.add_(attention_bias)
+        else:
+            scores = scores + attention_bias
+    if attention_bias is None or scores.shape[-1] == 0:
+        probs = torch.softmax(scores, dim=-1)  # scores are bounded by sum |v|: never all -inf
     else:
-        # Rows whose every score is -inf would be NaN; make them finite, then zero their weights.
+        # Rows whose every score is -inf would be NaN: make them finite, then zero their weights.
+        # On CPU the check is free, so the two extra passes only run when such a row exists.
         dead = scores.amax(-1, keepdim=True) == float("-inf")
-        probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+        if scores.device.type != "cpu" or bool(dead.any()):
+            probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+        else:
+            probs = torch.softmax(scores, dim=-1)
     probs = probs.to(value.dtype)
     if training and dropout > 0.0:
         probs = F.dropout(probs, p=dropout, training=True)

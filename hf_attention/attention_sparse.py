@@ -30,39 +30,50 @@ __all__ = [
     "SPARSE_PATTERNS",
     "SparsePattern",
     "StridedPattern",
+    "flex_block_mask",
     "flex_sparse_attention",
     "make_sparse_pattern",
     "sparse_attention",
 ]
 
-# When the blocked layout would still compute at least this fraction of the full L x L score matrix
-# (short sequences, wide windows), one dense SDPA call with the boolean mask is faster.
-DENSE_FALLBACK_DENSITY = 0.5
-# Below this length the gather/bookkeeping overhead dominates whatever the density: use dense SDPA.
-DENSE_FALLBACK_MAX_LEN = 256
+# The blocked kernel pays for gathers and per-block masks; dense SDPA with the boolean mask costs about
+# 1.05-1.3x unmasked SDPA whatever the pattern (DESIGN.md). Measured on 2 CPU cores (fp32, H=8, D=64,
+# window 128): blocked local breaks even with dense around L=512 and wins from 768 on, where it computes
+# a quarter of the scores. So: dense when L <= DENSE_FALLBACK_MAX_LEN, or when the layout would still
+# compute at least DENSE_FALLBACK_DENSITY of the L x L scores.
+DENSE_FALLBACK_MAX_LEN = 512
+DENSE_FALLBACK_DENSITY = 0.3
 # Query block size bounds for the band patterns: small blocks waste less work at the window edges,
 # large blocks give the matmuls enough rows to be efficient.
 MIN_QUERY_BLOCK = 16
 MAX_QUERY_BLOCK = 128
 # Query rows per chunk when a layout is derived generically from ``allowed`` (bounds its memory).
 _LAYOUT_CHUNK_ROWS = 1024
-# Entries kept per cache (layouts per pattern, BlockMasks per process).
-_CACHE_SIZE = 16
+# Entries kept in the layout/table cache and the BlockMask cache.
+_CACHE_SIZE = 64
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _lru_get(cache: OrderedDict, key: Any, build: Callable[[], Any]) -> Any:
-    """Small LRU so long-running jobs with many sequence lengths do not grow memory without bound."""
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    value = build()
-    cache[key] = value
-    while len(cache) > _CACHE_SIZE:
-        cache.popitem(last=False)
+_CACHE: OrderedDict = OrderedDict()
+
+
+def _cached(key: Any, build: Callable[[], Any]) -> Any:
+    """Small LRU (long jobs see many lengths) shared by equal patterns, which hash by value.
+
+    Built outside inference mode and autograd, so a cache first filled under ``torch.inference_mode``
+    still serves training.
+    """
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    with torch.inference_mode(False), torch.no_grad():
+        value = build()
+    _CACHE[key] = value
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
     return value
 
 
@@ -84,16 +95,13 @@ _PATTERN_REGISTRY: dict[str, type[SparsePattern]] = {}
 class SparsePattern:
     """Base class: a subclass defines ``allowed`` (and optionally layout hints) and registers by ``name``.
 
+    Subclasses are frozen dataclasses: patterns hash by value, and equal patterns share cached layouts.
     Contract of ``allowed``: the diagonal is always allowed (no query row is ever empty), and with
     ``causal=True`` nothing above the diagonal is. ``allowed`` minus ``blocked_allowed`` must lie on
     the residue classes ``(i - j) % residue_stride == 0`` (or be empty when ``residue_stride`` is None).
     """
 
     name: ClassVar[str] = ""
-    # Per-instance caches (layouts, index tables); excluded from equality/hash so equal patterns match.
-    _cache: OrderedDict = dataclasses.field(
-        default_factory=OrderedDict, init=False, repr=False, compare=False, hash=False
-    )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -279,9 +287,8 @@ class BlockPattern(SparsePattern):
     def random_blocks(self, seq_len: int | None = None, device: Any = None) -> torch.Tensor:
         """LongTensor [capacity, r]: the random key blocks of every query block (cached per device)."""
         cap = self.capacity(seq_len)
-        key = ("random", cap, str(torch.device(device) if device is not None else "cpu"))
-        with torch.inference_mode(False), torch.no_grad():
-            return _lru_get(self._cache, key, lambda: self._draw_random_blocks(cap, device))
+        key = (self, "random", cap, str(torch.device(device) if device is not None else "cpu"))
+        return _cached(key, lambda: self._draw_random_blocks(cap, device))
 
     def _draw_random_blocks(self, cap: int, device: Any) -> torch.Tensor:
         r = self.num_random_blocks
@@ -371,7 +378,10 @@ def make_sparse_pattern(
 
 
 def _band_block_size(before: int, after: int) -> int:
-    """About half the band span, a multiple of 16: measured fastest for window 128 on CPU (DESIGN.md)."""
+    """About half the band span, a multiple of 16: 3 key blocks of which 2/3 are in the band.
+
+    For window 128 on 2 CPU cores, query blocks of 64 beat 32 and 128 (fwd+bwd at L=4096).
+    """
     span = before + after + 1
     size = 16 * max(1, round(span / 32))
     return max(MIN_QUERY_BLOCK, min(MAX_QUERY_BLOCK, size))
@@ -391,8 +401,7 @@ def _band_key_blocks(num_blocks: int, block_size: int, before: int, after: int) 
 class _Residue:
     stride: int
     groups: int  # G = ceil(L / stride); group c holds positions c, c + stride, ...
-    pos: torch.Tensor  # [stride, G] positions (unclamped)
-    pos_clamped: torch.Tensor  # [stride, G] safe for gathers
+    pos: torch.Tensor  # [stride, G] positions, clamped into [0, L) (past-the-end entries are masked)
     mask: torch.Tensor  # [stride, G, G] bool: allowed and not already in the blocked part
 
 
@@ -403,8 +412,7 @@ class _Layout:
     num_blocks: int
     band_offset: int | None  # key blocks of block qb are qb - band_offset + arange(K): unfold, no gather
     kv_blocks: torch.Tensor  # [nQB, K] clamped key block indices
-    kv_pos: torch.Tensor  # [nQB, K * bs] key positions (unclamped)
-    kv_pos_clamped: torch.Tensor  # [nQB, K * bs]
+    kv_pos: torch.Tensor  # [nQB, K * bs] key positions, clamped into [0, L) (the others are masked)
     mask: torch.Tensor  # [nQB, bs, K * bs] exact element mask, no padding
     diag: torch.Tensor  # [nQB, bs, K * bs] query == key
     dense_queries: int
@@ -452,8 +460,7 @@ def _build_layout(pattern: SparsePattern, seq_len: int, causal: bool, device: to
         rmask = pattern.allowed(qi, ki, causal, seq_len=seq_len)
         rmask &= ~pattern.blocked_allowed(qi, ki, causal, seq_len=seq_len) & (ki < seq_len)
         if bool(rmask.any()):
-            safe = pos.clamp(max=seq_len - 1)
-            residue = _Residue(stride, groups, pos.to(device), safe.to(device), rmask.to(device))
+            residue = _Residue(stride, groups, pos.clamp(max=seq_len - 1).to(device), rmask.to(device))
     computed = nb * bs * k * bs + (residue.stride * residue.groups**2 if residue else 0)
     dense_rows = pattern.dense_queries(seq_len)
     computed += dense_rows * seq_len
@@ -463,8 +470,7 @@ def _build_layout(pattern: SparsePattern, seq_len: int, causal: bool, device: to
         num_blocks=nb,
         band_offset=band_offset,
         kv_blocks=blocks.clamp(0, nb - 1).to(device),
-        kv_pos=kv_pos.to(device),
-        kv_pos_clamped=kv_pos.clamp(0, seq_len - 1).to(device),
+        kv_pos=kv_pos.clamp(0, seq_len - 1).to(device),
         mask=mask.to(device),
         diag=diag.to(device),
         dense_queries=dense_rows,
@@ -474,10 +480,8 @@ def _build_layout(pattern: SparsePattern, seq_len: int, causal: bool, device: to
 
 
 def _layout(pattern: SparsePattern, seq_len: int, causal: bool, device: torch.device) -> _Layout:
-    key = ("layout", seq_len, bool(causal), str(device))
-    # Cached tensors must be ordinary tensors even if first built under inference_mode/no_grad.
-    with torch.inference_mode(False), torch.no_grad():
-        return _lru_get(pattern._cache, key, lambda: _build_layout(pattern, seq_len, causal, device))
+    key = (pattern, "layout", seq_len, bool(causal), str(device))
+    return _cached(key, lambda: _build_layout(pattern, seq_len, causal, device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,24 +504,6 @@ def _bias(
     return bias_fn(positions[:, kv_idx] - positions[:, q_idx]).movedim(0, 1)
 
 
-def _masked_scores(scores: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if bias is not None:
-        scores = scores + bias.to(scores.dtype)
-    return scores.masked_fill(~mask, float("-inf"))
-
-
-def _softmax(scores: torch.Tensor, dropout: float, training: bool) -> torch.Tensor:
-    low = scores.dtype in (torch.float16, torch.bfloat16)
-    probs = scores.softmax(-1, dtype=torch.float32).to(scores.dtype) if low else scores.softmax(-1)
-    return F.dropout(probs, dropout, training=True) if training and dropout > 0 else probs
-
-
-def _sdpa(q, k, v, mask: torch.Tensor, bias: torch.Tensor | None, scaling: float, dropout: float):
-    """SDPA with a bool mask, or a float mask when a bias is added (the bias then gets gradients)."""
-    attn_mask = mask if bias is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scaling)
-
-
 def _padding_rule(
     pad: torch.Tensor | None, allowed: torch.Tensor, diag: torch.Tensor, kv_idx: torch.Tensor
 ) -> torch.Tensor:
@@ -530,32 +516,53 @@ def _padding_rule(
     return allowed & (pad[:, kv_idx] | diag)
 
 
-def _dense_attention(
-    query, key, value, pattern: SparsePattern, causal, pad, bias_fn, positions, scaling, dropout,
-    rows: int | None = None,
-) -> torch.Tensor:
-    """Dense SDPA under the pattern's boolean mask: short sequences, and the global query rows."""
-    seq_len = key.shape[2]
-    rows = seq_len if rows is None else rows
-    q_idx = torch.arange(rows, device=query.device)[:, None]
-    kv_idx = torch.arange(seq_len, device=query.device)[None, :]
-    mask = pattern.dense_mask(rows, seq_len, causal=causal, device=query.device)
-    mask = _padding_rule(pad, mask, q_idx == kv_idx, kv_idx).unsqueeze(-3)
-    bias = None if bias_fn is None else _bias(bias_fn, positions, q_idx, kv_idx)
-    return _sdpa(query[:, :, :rows], key, value, mask, bias, scaling, dropout)
+def _cached_dense_mask(pattern: SparsePattern, rows: int, seq_len: int, causal: bool, device) -> torch.Tensor:
+    key = (pattern, "dense", rows, seq_len, bool(causal), str(device))
+    return _cached(key, lambda: pattern.dense_mask(rows, seq_len, causal=causal, device=device))
+
+
+def _pad_seq(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Zero-pad dim 1 (the sequence) of a [B, L, ...] tensor."""
+    if before == 0 and after == 0:
+        return x
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (before, after))
 
 
 def _gather_blocks(x: torch.Tensor, layout: _Layout) -> torch.Tensor:
-    """[B, H, L, D] -> [B, H, nQB, K * bs, D]: the key blocks each query block reads."""
-    b, h, seq_len, d = x.shape
+    """[B, L, H, D] -> [B * nQB, H, K * bs, D]: the key blocks each query block reads."""
+    b, seq_len, h, d = x.shape
     bs, nb, k = layout.block_size, layout.num_blocks, layout.kv_blocks.shape[1]
-    if layout.band_offset is not None:  # consecutive blocks: overlapping windows of one padded tensor
+    if layout.band_offset is not None:  # consecutive blocks: overlapping windows, no index tensor
         lead = layout.band_offset * bs
-        trail = (k - 1 - layout.band_offset) * bs + nb * bs - seq_len
-        xp = F.pad(x, (0, 0, lead, trail))
-        return xp.unfold(2, k * bs, bs).transpose(-1, -2)
-    xp = F.pad(x, (0, 0, 0, nb * bs - seq_len)).view(b, h, nb, bs, d)
-    return xp[:, :, layout.kv_blocks].reshape(b, h, nb, k * bs, d)
+        windows = _pad_seq(x, lead, (k - 1) * bs + nb * bs - seq_len - lead).unfold(1, k * bs, bs)
+        return windows.permute(0, 1, 4, 2, 3).reshape(b * nb, k * bs, h, d).transpose(1, 2)
+    blocks = _pad_seq(x, 0, nb * bs - seq_len).reshape(b, nb, bs, h, d)
+    # index_select: its backward (index_add) is about 2x faster on CPU than advanced indexing's
+    gathered = blocks.index_select(1, layout.kv_blocks.view(-1))
+    return gathered.reshape(b * nb, k * bs, h, d).transpose(1, 2)
+
+
+def _fold(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """[1 or B, n, h, r, c] -> [B * n, h, r, c]: fold the block axis into SDPA's batch axis."""
+    x = x.expand(batch, *x.shape[1:])
+    return x.reshape(batch * x.shape[1], *x.shape[2:])
+
+
+def _attn_mask(mask: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask, or the bias with -inf outside the mask (the bias then gets gradients)."""
+    return mask if bias is None else bias.to(dtype).masked_fill(~mask, float("-inf"))
+
+
+def _add_mask(scores: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    if attn_mask.dtype == torch.bool:
+        return scores.masked_fill(~attn_mask, float("-inf"))
+    return scores + attn_mask.to(scores.dtype)
+
+
+def _softmax(scores: torch.Tensor, dropout: float) -> torch.Tensor:
+    low = scores.dtype in (torch.float16, torch.bfloat16)
+    probs = scores.softmax(-1, dtype=torch.float32).to(scores.dtype) if low else scores.softmax(-1)
+    return F.dropout(probs, dropout) if dropout > 0 else probs
 
 
 def sparse_attention(
@@ -576,14 +583,16 @@ def sparse_attention(
 
     Exactly dense softmax attention under ``pattern.dense_mask`` with padding keys excluded and
     ``bias_fn(k_pos - q_pos)`` ([H, *S]) added, but computing only the gathered key blocks, so the
-    cost is O(L * keys-per-query). Plain autograd: trains on any device, including CPU.
+    cost is O(L * keys-per-query). Plain autograd: trains on any device, including CPU. Works on the
+    [B, L, H, D] memory layout that transformers' projections produce, so the usual
+    ``view(B, L, H, D).transpose(1, 2)`` inputs are read without an extra copy.
     """
-    if query.dim() != 4 or key.shape != query.shape or value.shape[:3] != query.shape[:3]:
+    if query.dim() != 4 or key.shape[:3] != query.shape[:3] or value.shape[:3] != query.shape[:3]:
         raise ValueError(
-            f"sparse_attention expects query/key/value [B, H, L, D] with equal L, got "
+            "sparse_attention expects query/key/value [B, H, L, D] with equal B, H, L, got "
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
-    batch, heads, seq_len, _ = query.shape
+    batch, _, seq_len, _ = query.shape
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     dropout = dropout if training else 0.0
     pad = None
@@ -591,10 +600,8 @@ def sparse_attention(
         pad = key_padding_mask.to(device=query.device, dtype=torch.bool)
         if pad.shape != (batch, seq_len):
             raise ValueError(f"key_padding_mask must be [B, L] = {(batch, seq_len)}, got {tuple(pad.shape)}")
-        if bool(pad.all()):
-            pad = None
     if positions is not None:
-        positions = positions.to(query.device)
+        positions = positions.to(device=query.device, dtype=torch.long)
         if positions.dim() != 2 or positions.shape[1] != seq_len:
             raise ValueError(f"positions must be [B, L] or [1, L], L={seq_len}, got {tuple(positions.shape)}")
 
@@ -603,87 +610,123 @@ def sparse_attention(
         out = _dense_attention(query, key, value, pattern, causal, pad, bias_fn, positions, scaling, dropout)
         return out.transpose(1, 2)
 
-    bs, nb = layout.block_size, layout.num_blocks
-    padded = nb * bs
-    q_blocks = F.pad(query, (0, 0, 0, padded - seq_len)).view(batch, heads, nb, bs, -1)
-    k_blocks, v_blocks = _gather_blocks(key, layout), _gather_blocks(value, layout)
-    mask = _padding_rule(pad, layout.mask, layout.diag, layout.kv_pos_clamped[:, None, :]).unsqueeze(-4)
-    bias = None
-    if bias_fn is not None:  # clamped indices only where ``positions`` must be looked up
-        q_idx = torch.arange(padded, device=query.device)
-        kv_idx = layout.kv_pos if positions is None else layout.kv_pos_clamped
-        q_idx = q_idx if positions is None else q_idx.clamp(max=seq_len - 1)
-        bias = _bias(bias_fn, positions, q_idx.view(nb, bs, 1), kv_idx[:, None, :])
-
-    res = layout.residue
-    if res is None:
-        out = _sdpa(q_blocks, k_blocks, v_blocks, mask, bias, scaling, dropout)
-        out = out.reshape(batch, heads, padded, -1)[:, :, :seq_len]
-    else:
-        out = _with_residue(
-            query, key, value, q_blocks, k_blocks, v_blocks, mask, bias, layout, res, pad, bias_fn,
-            positions, scaling, dropout, training,
-        )
-    if layout.dense_queries:
+    out = _blocked_attention(query, key, value, layout, pad, bias_fn, positions, scaling, dropout)
+    if layout.dense_queries:  # e.g. global tokens: a few rows that attend everything
         rows = layout.dense_queries
-        head = _dense_attention(
-            query, key, value, pattern, causal, pad, bias_fn, positions, scaling, dropout, rows
-        )
-        out = torch.cat([head, out[:, :, rows:]], dim=2)
-    return out.transpose(1, 2)
+        args = (pattern, causal, pad, bias_fn, positions, scaling, dropout, rows)
+        out = torch.cat([_dense_attention(query, key, value, *args).transpose(1, 2), out[:, rows:]], dim=1)
+    return out
 
 
-def _with_residue(
-    query, key, value, q_blocks, k_blocks, v_blocks, mask, bias, layout: _Layout, res: _Residue, pad,
-    bias_fn, positions, scaling, dropout, training,
+def _dense_attention(
+    query, key, value, pattern: SparsePattern, causal, pad, bias_fn, positions, scaling, dropout, rows=None
 ) -> torch.Tensor:
-    """Blocked band + residue-grouped periodic part joined in one softmax over concatenated scores."""
-    batch, heads, seq_len, _ = query.shape
-    padded, nk = layout.num_blocks * layout.block_size, layout.num_keys
-    s_band = _masked_scores((q_blocks @ k_blocks.transpose(-1, -2)) * scaling, mask, bias)
-    s_band = s_band.reshape(batch, heads, padded, nk)[:, :, :seq_len]
+    """Dense SDPA under the pattern's boolean mask (short sequences, global query rows); [B, H, rows, D]."""
+    seq_len = key.shape[2]
+    rows = seq_len if rows is None else rows
+    q_idx = torch.arange(rows, device=query.device)[:, None]
+    kv_idx = torch.arange(seq_len, device=query.device)[None, :]
+    mask = _cached_dense_mask(pattern, rows, seq_len, causal, query.device)
+    mask = _padding_rule(pad, mask, q_idx == kv_idx, kv_idx).view(-1, 1, rows, seq_len)  # 4-D: else math SDPA
+    bias = None if bias_fn is None else _bias(bias_fn, positions, q_idx, kv_idx)
+    attn_mask = _attn_mask(mask, bias, query.dtype)
+    return F.scaled_dot_product_attention(
+        query[:, :, :rows], key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scaling
+    )
 
-    stride, groups = res.stride, res.groups
-    rpad = groups * stride - seq_len
 
-    def grouped(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, D] -> [B, H, stride, G, D]
-        return F.pad(x, (0, 0, 0, rpad)).view(batch, heads, groups, stride, -1).transpose(2, 3)
+def _blocked_attention(query, key, value, layout: _Layout, pad, bias_fn, positions, scaling, dropout):
+    """Query blocks against their gathered key blocks (+ the residue component); out [B, L, H, D].
 
-    q_r, k_r, v_r = grouped(query), grouped(key), grouped(value)
-    rmask = res.mask
-    if pad is not None:  # the diagonal lives in the band, so padding keys are simply excluded here
-        rmask = rmask & pad[:, res.pos_clamped[:, None, :]]
-    rbias = None
-    if bias_fn is not None:
-        pos = res.pos if positions is None else res.pos_clamped
-        rbias = _bias(bias_fn, positions, pos[:, :, None], pos[:, None, :])
-    s_res = _masked_scores((q_r @ k_r.transpose(-1, -2)) * scaling, rmask.unsqueeze(-4), rbias)
-    s_res = s_res.transpose(2, 3).reshape(batch, heads, groups * stride, groups)[:, :, :seq_len]
+    Blocks are folded into SDPA's batch axis ([B * nQB, H, bs, D]), so the per-block mask
+    [nQB, 1, bs, K * bs] broadcasts over heads without being copied per head.
+    """
+    batch, heads, seq_len, dim = query.shape
+    bs, nb, nk = layout.block_size, layout.num_blocks, layout.num_keys
+    padded = nb * bs
+    q_seq, k_seq, v_seq = (x.transpose(1, 2) for x in (query, key, value))  # [B, L, H, D]
+    q_blocks = _pad_seq(q_seq, 0, padded - seq_len).reshape(batch * nb, bs, heads, dim).transpose(1, 2)
+    k_blocks, v_blocks = _gather_blocks(k_seq, layout), _gather_blocks(v_seq, layout)
+    mask = _padding_rule(pad, layout.mask, layout.diag, layout.kv_pos[:, None, :])
+    mask = mask.view(-1, nb, 1, bs, nk)  # [B or 1, nQB, 1 (heads), bs, K * bs]
+    bias = None
+    if bias_fn is not None:  # indices past the end are clamped: those entries are masked or dropped
+        q_idx = torch.arange(padded, device=query.device).clamp(max=seq_len - 1).view(nb, bs, 1)
+        bias = _bias(bias_fn, positions, q_idx, layout.kv_pos[:, None, :]).transpose(1, 2)
+    attn_mask = _fold(_attn_mask(mask, bias, query.dtype), batch)
 
-    probs = _softmax(torch.cat([s_band, s_res], dim=-1), dropout, training)
-    p_band, p_res = probs.split([nk, groups], dim=-1)
-    p_band = F.pad(p_band, (0, 0, 0, padded - seq_len)).view(q_blocks.shape[:-1] + (nk,))
-    out = (p_band @ v_blocks).reshape(batch, heads, padded, -1)[:, :, :seq_len]
-    p_res = F.pad(p_res, (0, 0, 0, rpad)).view(batch, heads, groups, stride, groups).transpose(2, 3)
-    out_res = (p_res @ v_r).transpose(2, 3).reshape(batch, heads, groups * stride, -1)[:, :, :seq_len]
-    return out + out_res
+    if layout.residue is None:
+        out = F.scaled_dot_product_attention(
+            q_blocks, k_blocks, v_blocks, attn_mask=attn_mask, dropout_p=dropout, scale=scaling
+        )
+        return out.transpose(1, 2).reshape(batch, padded, heads, -1)[:, :seq_len]
+
+    # One softmax over [band keys | residue keys] per query: scores concatenated in [B, L, H, keys].
+    s_band = _add_mask((q_blocks * scaling) @ k_blocks.transpose(-1, -2), attn_mask)  # scale q, not scores
+    s_band = s_band.transpose(1, 2).reshape(batch, padded, heads, nk)[:, :seq_len]
+    res = _Grouped(layout.residue, q_seq, k_seq, v_seq, pad, bias_fn, positions, scaling)
+    probs = _softmax(torch.cat([s_band, res.scores], dim=-1), dropout)
+    p_band, p_res = probs.split([nk, res.groups], dim=-1)
+    p_band = _pad_seq(p_band, 0, padded - seq_len).reshape(batch * nb, bs, heads, nk).transpose(1, 2)
+    out = (p_band @ v_blocks).transpose(1, 2).reshape(batch, padded, heads, -1)[:, :seq_len]
+    return out + res.output(p_res)
+
+
+class _Grouped:
+    """Residue component: position i = g * stride + c is row g of group c; groups attend within themselves.
+
+    ``scores`` are [B, L, H, G] in sequence order (to join the band's in one softmax); ``output`` maps
+    the matching probabilities back to [B, L, H, D].
+    """
+
+    def __init__(self, res: _Residue, q_seq, k_seq, v_seq, pad, bias_fn, positions, scaling):
+        self.res, self.groups = res, res.groups
+        self.batch, self.seq_len, self.heads, _ = q_seq.shape
+        mask = res.mask if pad is None else res.mask & pad[:, res.pos[:, None, :]]
+        mask = mask.view(-1, res.stride, 1, res.groups, res.groups)  # [B or 1, stride, 1, G, G]
+        bias = None
+        if bias_fn is not None:
+            pos = res.pos
+            bias = _bias(bias_fn, positions, pos[:, :, None], pos[:, None, :]).transpose(1, 2)
+        attn_mask = _fold(_attn_mask(mask, bias, q_seq.dtype), self.batch)
+        self.v = self._group(v_seq)
+        scores = _add_mask(self._group(q_seq * scaling) @ self._group(k_seq).transpose(-1, -2), attn_mask)
+        self.scores = self._ungroup(scores)
+
+    def _group(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, H, X] -> [B * stride, H, G, X]
+        stride, groups = self.res.stride, self.groups
+        x = _pad_seq(x, 0, groups * stride - self.seq_len).reshape(self.batch, groups, stride, self.heads, -1)
+        return x.permute(0, 2, 3, 1, 4).reshape(self.batch * stride, self.heads, groups, -1)
+
+    def _ungroup(self, x: torch.Tensor) -> torch.Tensor:  # [B * stride, H, G, X] -> [B, L, H, X]
+        x = x.reshape(self.batch, self.res.stride, self.heads, self.groups, -1).permute(0, 3, 1, 2, 4)
+        return x.reshape(self.batch, self.groups * self.res.stride, self.heads, -1)[:, : self.seq_len]
+
+    def output(self, probs: torch.Tensor) -> torch.Tensor:
+        return self._ungroup(self._group(probs) @ self.v)
 
 
 # --------------------------------------------------------------------------------------------------
 # FlexAttention
 # --------------------------------------------------------------------------------------------------
 
-_FLEX_BLOCK_MASKS: OrderedDict = OrderedDict()
 _COMPILED_FLEX: Callable[..., torch.Tensor] | None = None
 
 
-def _compiled_flex() -> Callable[..., torch.Tensor]:
-    """Compiled once per process: uncompiled flex is a slow dense reference (DESIGN.md)."""
+def _flex_kernel() -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once per process (uncompiled it is a slow dense reference, DESIGN.md).
+
+    Default (automatic dynamic) shapes: a new sequence length recompiles once, then shapes go dynamic,
+    instead of one recompilation per length until the recompile limit drops to the eager path. Inside
+    an outer ``torch.compile`` the plain function is traced by that compile instead.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():
+        return flex_attention
     global _COMPILED_FLEX
     if _COMPILED_FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX = torch.compile(flex_attention)
     return _COMPILED_FLEX
 
 
@@ -700,20 +743,23 @@ def flex_block_mask(
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     allowed = pattern.mask_fn(causal, seq_len, device)  # tables bound here, outside the traced mask_mod
+    # On CUDA, compiling the mask evaluation avoids materialising L x L booleans at long lengths.
+    compile_mask = device.type == "cuda"
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed(q_idx, kv_idx)
 
+    def build(mod, batch):
+        return create_block_mask(mod, batch, None, seq_len, seq_len, device, _compile=compile_mask)
+
     if key_padding_mask is None:
-        key = (pattern, seq_len, bool(causal), str(device))
-        build = lambda: create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)  # noqa: E731
-        return _lru_get(_FLEX_BLOCK_MASKS, key, build)
+        return _cached((pattern, "flex", seq_len, bool(causal), str(device)), lambda: build(mask_mod, None))
     pad = key_padding_mask.to(device=device, dtype=torch.bool)
 
     def padded_mask_mod(b, h, q_idx, kv_idx):
-        return mask_mod(b, h, q_idx, kv_idx) & (pad[b, kv_idx] | (q_idx == kv_idx))
+        return allowed(q_idx, kv_idx) & (pad[b, kv_idx] | (q_idx == kv_idx))
 
-    return create_block_mask(padded_mask_mod, pad.shape[0], None, seq_len, seq_len, device=device)
+    return build(padded_mask_mod, pad.shape[0])
 
 
 def flex_sparse_attention(
@@ -731,9 +777,11 @@ def flex_sparse_attention(
 
     The sparse training kernel on CUDA; on CPU (torch 2.13) forward only, FlexAttention has no CPU
     backward. ``bias_fn_mod`` is a FlexAttention ``score_mod`` ``(score, b, h, q_idx, kv_idx) -> score``.
+    Each (pattern, causal, padded or not, score_mod) combination compiles its own graph; dynamo's
+    ``recompile_limit`` (8 per process for flex_attention) bounds how many one process can mix.
     """
     block_mask = flex_block_mask(
         pattern, query.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=query.device
     )
-    out = _compiled_flex()(query, key, value, score_mod=bias_fn_mod, block_mask=block_mask, scale=scaling)
+    out = _flex_kernel()(query, key, value, score_mod=bias_fn_mod, block_mask=block_mask, scale=scaling)
     return out.transpose(1, 2)

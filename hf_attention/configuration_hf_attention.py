@@ -17,6 +17,23 @@ AUTO_MAP = {
     "AutoModelForMaskedLM": "modeling_hf_attention.HfAttentionForMaskedLM",
     "AutoModelForSequenceClassification": "modeling_hf_attention.HfAttentionForSequenceClassification",
     "AutoModelForQuestionAnswering": "modeling_hf_attention.HfAttentionForQuestionAnswering",
+    "AutoModelForSeq2SeqLM": "modeling_hf_attention.HfAttentionForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_hf_attention.HfAttentionForCausalLM",
+    "AutoModelForImageClassification": "modeling_hf_attention_vision.HfAttentionForImageClassification",
+}
+# transformers 5.x removed the summarization and question-answering pipelines; ours ship next to every saved
+# model, so `pipeline(task, model=folder, trust_remote_code=True)` keeps working.
+CUSTOM_PIPELINES = {
+    "summarization": {
+        "impl": "pipelines_hf_attention.HfAttentionSummarizationPipeline",
+        "pt": ["AutoModelForSeq2SeqLM"],
+        "type": "text",
+    },
+    "question-answering": {
+        "impl": "pipelines_hf_attention.HfAttentionQuestionAnsweringPipeline",
+        "pt": ["AutoModelForQuestionAnswering"],
+        "type": "text",
+    },
 }
 
 
@@ -119,6 +136,7 @@ class HfAttentionConfig(PreTrainedConfig):
             self.decoder_layers = self.num_hidden_layers
         super().__post_init__(**kwargs)
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        self.custom_pipelines = {**CUSTOM_PIPELINES, **(getattr(self, "custom_pipelines", None) or {})}
         # `@strict` wraps validator errors in a non-ValueError; users (and recipes) catch ValueError.
         self.check_variant()
         self.check_architecture()
@@ -134,6 +152,18 @@ class HfAttentionConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Part of `@strict` validation (`config.validate()` after edits)."""
         self.check_architecture()
+
+    def to_dict(self) -> dict:
+        """transformers' `pipeline()` swaps the model class names in `custom_pipelines` for classes in place;
+        save names so the config stays JSON (and loadable) after a pipeline was built from it."""
+        output = super().to_dict()
+        pipelines = output.get("custom_pipelines")
+        if pipelines:
+            output["custom_pipelines"] = {
+                task: {**info, "pt": [c if isinstance(c, str) else c.__name__ for c in info.get("pt", ())]}
+                for task, info in pipelines.items()
+            }
+        return output
 
     def check_variant(self) -> None:
         """Every bad value raises a ValueError naming itself and the valid choices."""

@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     task.add_argument("--train_val_split", type=float, default=0.15,
                       help="fraction of train held out when the data has no validation split")
     task.add_argument("--image_size", type=int, default=None, help="resize to this (default: the data's size)")
-    task.add_argument("--num_channels", type=int, default=None, choices=(1, 3),
-                      help="1 = grey, 3 = RGB (default: from the first training image)")
+    task.add_argument("--num_channels", type=int, default=3, choices=(1, 3),
+                      help="3 = RGB (default: what pipeline('image-classification') feeds); 1 = grey")
     task.add_argument("--augment", type=str, default="crop", choices=AUGMENTATIONS,
                       help="train transform: random crop with padding (and horizontal flips)")
     parser.set_defaults(learning_rate=1e-3, weight_decay=0.05, per_device_train_batch_size=64,
@@ -128,8 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
     if reference is None:
         raise SystemExit("no training or evaluation data: give --train_file/--validation_file or --dataset_name")
     first = reference[0][args.image_column_name]
-    if args.num_channels is None:
-        args.num_channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
     if args.image_size is None:
         args.image_size = max(first.size)
     feature = reference.features[args.label_column_name]
@@ -145,9 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
                    (("train", train), ("eval", evaluation), ("test", test)) if split is not None}
     runner.init_trackers(TASK)
 
-    def collate_train(rows):
-        batch = torch.utils.data.default_collate(rows)
-        return augment_batch(batch, args.augment)
+    def augmented_loss(model, batch):
+        return model(**augment_batch(batch, args.augment)).loss
 
     def evaluate_split(model, tensors) -> tuple[float, list[int]]:
         loader = accelerator.prepare(torch.utils.data.DataLoader(
@@ -169,8 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.do_train and "train" in encoded:
         loader = torch.utils.data.DataLoader(TensorDictDataset(encoded["train"]), shuffle=True,
-                                             batch_size=args.per_device_train_batch_size, collate_fn=collate_train)
-        model = runner.train(model, loader, evaluate=evaluate if "eval" in encoded else None)
+                                             batch_size=args.per_device_train_batch_size)
+        model = runner.train(model, loader, evaluate=evaluate if "eval" in encoded else None,
+                             loss_fn=augmented_loss)
     else:
         model = accelerator.prepare(model)
     metrics, extra = {}, {}

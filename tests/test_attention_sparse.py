@@ -6,9 +6,11 @@ checks that it imports only torch and the standard library.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import itertools
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,7 +67,9 @@ def test_dense_mask_matches_definition(name, causal):
     pattern = PATTERNS[name]
     seq_len = 45
     mask = pattern.dense_mask(seq_len, seq_len, causal=causal)
-    expected = [[brute_allowed(pattern, i, j, causal, seq_len) for j in range(seq_len)] for i in range(seq_len)]
+    expected = [
+        [brute_allowed(pattern, i, j, causal, seq_len) for j in range(seq_len)] for i in range(seq_len)
+    ]
     assert mask.dtype == torch.bool and mask.shape == (seq_len, seq_len)
     assert mask.tolist() == expected
     assert bool(mask.diagonal().all())
@@ -146,15 +150,47 @@ def alibi_like(heads: int, learnable: bool = False):
     return bias_fn, slopes
 
 
-def run_case(pattern, seq_len, causal, with_pad, with_bias, batch=2, heads=2, dim=8, scaling=None):
-    q, k, v = (torch.randn(batch, heads, seq_len, dim, dtype=F64, requires_grad=True) for _ in range(3))
-    pad = positions = None
+def make_qkv(batch, heads, seq_len, dim, seq_major=False):
+    """``seq_major``: [B, L, H, D] memory viewed as [B, H, L, D], as transformers' projections give it."""
+    if seq_major:
+        shape = (batch, seq_len, heads, dim)
+        return [torch.randn(shape, dtype=F64).transpose(1, 2).requires_grad_() for _ in "qkv"]
+    return [torch.randn(batch, heads, seq_len, dim, dtype=F64, requires_grad=True) for _ in "qkv"]
+
+
+def relative_bias(heads: int, max_rel: int = 6):
+    """T5-like learned bias over clipped relative positions: asymmetric, so a sign slip shows."""
+    table = torch.randn(heads, 2 * max_rel + 1, dtype=F64, requires_grad=True)
+
+    def bias_fn(rel: torch.Tensor) -> torch.Tensor:
+        return table[:, rel.clamp(-max_rel, max_rel) + max_rel]
+
+    return bias_fn, table
+
+
+def run_case(
+    pattern,
+    seq_len,
+    causal,
+    with_pad,
+    with_bias,
+    batch=2,
+    heads=2,
+    dim=8,
+    scaling=None,
+    seq_major=False,
+    positions=None,
+):
+    """``positions``: None (sequence indices), "batch" ([B, L], random gaps) or "shared" ([1, L])."""
+    q, k, v = make_qkv(batch, heads, seq_len, dim, seq_major)
+    pad = None
     if with_pad:
         pad = torch.ones(batch, seq_len, dtype=torch.bool)
         pad[0, seq_len - 13 :] = False  # right padding
-        pad[1, :4] = False  # left padding: positions then start at the first real token
-        positions = (pad.long().cumsum(1) - 1).clamp(min=0)
-    bias_fn, slopes = alibi_like(heads, learnable=True) if with_bias else (None, None)
+        pad[1, :4] = False  # left padding
+    if positions is not None:
+        positions = torch.randint(1, 4, (batch if positions == "batch" else 1, seq_len)).cumsum(1)
+    bias_fn, table = relative_bias(heads) if with_bias else (None, None)
     kwargs = dict(causal=causal, key_padding_mask=pad, bias_fn=bias_fn, positions=positions, scaling=scaling)
     out = sp.sparse_attention(q, k, v, pattern, **kwargs)
     ref = reference(q, k, v, pattern, causal, pad, bias_fn, positions, scaling)
@@ -163,10 +199,10 @@ def run_case(pattern, seq_len, causal, with_pad, with_bias, batch=2, heads=2, di
     real = torch.ones(batch, seq_len, 1, 1, dtype=F64) if pad is None else pad[:, :, None, None].to(F64)
     torch.testing.assert_close(out * real, ref * real)
     grad_out = torch.randn_like(out) * real  # padding queries may produce anything: no gradient from them
-    leaves = [q, k, v] + ([slopes] if with_bias else [])
+    leaves = [q, k, v] + ([table] if with_bias else [])
     got = torch.autograd.grad(out, leaves, grad_out)
     want = torch.autograd.grad(ref, leaves, grad_out)
-    for name, a, b in zip("qkvb", got, want):
+    for name, a, b in zip(["q", "k", "v", "bias table"], got, want):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
@@ -177,22 +213,44 @@ CASES = [(False, False), (True, False), (False, True), (True, True)]
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_sparse_matches_dense(force_blocked, name, causal, with_pad, with_bias):
-    for seq_len in (45, 64):  # 45 is no multiple of any block size
-        run_case(PATTERNS[name], seq_len, causal, with_pad, with_bias)
+    positions = "batch" if with_pad and with_bias else None
+    run_case(PATTERNS[name], 45, causal, with_pad, with_bias, positions=positions)  # 45: no block multiple
+    positions = "shared" if with_bias else None
+    run_case(PATTERNS[name], 64, causal, with_pad, with_bias, seq_major=True, positions=positions)
 
 
 @pytest.mark.parametrize("name", ["local", "strided", "block"])
 def test_dense_fallback_matches_dense(name):
     """Default thresholds: short sequences go through one dense SDPA call, same semantics."""
-    run_case(PATTERNS[name], 40, causal=False, with_pad=True, with_bias=True, scaling=0.3)
+    run_case(PATTERNS[name], 40, causal=False, with_pad=True, with_bias=True, scaling=0.3, positions="batch")
 
 
 def test_default_path_at_moderate_length():
     """No monkeypatching: the real thresholds pick the blocked kernel and it is still exact."""
     pattern = make("local", window_size=16)
-    layout = sp._layout(pattern, 300, False, torch.device("cpu"))
-    assert layout.density < sp.DENSE_FALLBACK_DENSITY and 300 > sp.DENSE_FALLBACK_MAX_LEN
-    run_case(pattern, 300, causal=True, with_pad=True, with_bias=True, batch=1, heads=2, dim=4)
+    layout = sp._layout(pattern, 600, True, torch.device("cpu"))
+    assert layout.density < sp.DENSE_FALLBACK_DENSITY and 600 > sp.DENSE_FALLBACK_MAX_LEN
+    run_case(pattern, 600, causal=True, with_pad=True, with_bias=True, heads=2, dim=4, positions="batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class LookAhead(sp.SparsePattern):
+    """A new pattern is one class with a rule: its key blocks come from the generic derivation."""
+
+    def allowed(self, q_idx, kv_idx, causal, *, seq_len=None):
+        out = ((q_idx - kv_idx).abs() <= 2) | (kv_idx // 8 == q_idx // 8 + 3)
+        return out & (kv_idx <= q_idx) if causal else out
+
+    def query_block_size(self, seq_len, causal):
+        return 8
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_new_pattern_from_rule_only(force_blocked, causal):
+    pattern = LookAhead()
+    layout = sp._layout(pattern, 45, causal, torch.device("cpu"))
+    assert layout.num_keys == (2 if causal else 4) * 8  # 2 or 4 of the 6 key blocks
+    run_case(pattern, 45, causal, with_pad=True, with_bias=True, positions="batch")
 
 
 def test_block_padding_invariance(force_blocked):
@@ -220,7 +278,10 @@ def test_blocked_kernel_skips_masked_work():
     patterns = {
         "local": (make("local", window_size=128), 0.06),
         "strided": (make("strided", stride=64), 0.08),
-        "block": (make("block", block_size=64, num_global_tokens=64, num_random_blocks=3, max_positions=4096), 0.15),
+        "block": (
+            make("block", block_size=64, num_global_tokens=64, num_random_blocks=3, max_positions=seq_len),
+            0.15,
+        ),
     }
     for _name, (pattern, limit) in patterns.items():
         for causal in (False, True):
@@ -260,9 +321,35 @@ def test_dropout_and_low_precision(force_blocked):
     for name in ("local", "block"):
         half = sp.sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), make(name))
         assert half.dtype == torch.bfloat16
-        torch.testing.assert_close(half.float(), sp.sparse_attention(q, k, v, make(name)), atol=5e-2, rtol=5e-2)
+        full = sp.sparse_attention(q, k, v, make(name))
+        torch.testing.assert_close(half.float(), full, atol=5e-2, rtol=5e-2)
     half = sp.sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pattern)
     torch.testing.assert_close(half.float(), base, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("blocked", [True, False], ids=["blocked", "dense-fallback"])
+def test_device_agnostic_on_meta(monkeypatch, blocked):
+    """No GPU here: the meta device still rejects any CPU tensor mixed into elementwise ops."""
+    if blocked:
+        monkeypatch.setattr(sp, "DENSE_FALLBACK_MAX_LEN", 0)
+        monkeypatch.setattr(sp, "DENSE_FALLBACK_DENSITY", float("inf"))
+    table = torch.randn(2, 9, device="meta", requires_grad=True)
+    pad = torch.ones(2, 40, dtype=torch.bool, device="meta")
+    positions = torch.ones(2, 40, dtype=torch.long, device="meta")
+    for name, pos in itertools.product(("local", "strided", "block"), (positions, None)):
+        q, k, v = (torch.randn(2, 2, 40, 8, device="meta", requires_grad=True) for _ in "qkv")
+        out = sp.sparse_attention(
+            q,
+            k,
+            v,
+            make(name),
+            causal=True,
+            key_padding_mask=pad,
+            positions=pos,
+            bias_fn=lambda rel: table[:, rel.clamp(-4, 4) + 4],
+        )
+        out.sum().backward()
+        assert out.device.type == "meta" and q.grad.device.type == "meta"
 
 
 def test_input_validation():
@@ -278,9 +365,24 @@ def test_input_validation():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("name", ["local", "strided", "block"])
+def test_flex_block_mask_covers_pattern(name, causal):
+    """The BlockMask (uncompiled creation, cheap) keeps every block with an allowed entry, exactly."""
+    pattern, seq_len, block = make(name), 300, 128
+    block_mask = sp.flex_block_mask(pattern, seq_len, causal=causal)
+    assert block_mask is sp.flex_block_mask(pattern, seq_len, causal=causal)  # cached without padding
+    dense = pattern.dense_mask(seq_len, seq_len, causal=causal)
+    idx = torch.arange(seq_len)
+    assert torch.equal(block_mask.mask_mod(0, 0, idx[:, None], idx[None, :]), dense)
+    padded = torch.nn.functional.pad(dense, (0, 84, 0, 84)).view(3, block, 3, block)
+    assert torch.equal(block_mask.to_dense()[0, 0], padded.any(3).any(1))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["local", "strided", "block"])
 def test_flex_forward_matches_dense(name):
+    """Compiled flex forward on CPU (tens of seconds of compilation per pattern, hence slow)."""
     pattern = make(name)
     seq_len, heads = 160, 2
     q, k, v = (torch.randn(2, heads, seq_len, 16) for _ in range(3))
@@ -294,12 +396,17 @@ def test_flex_forward_matches_dense(name):
     def bias_fn(rel):
         return -slopes.view(-1, *[1] * rel.dim()) * rel.abs()
 
-    start = time.perf_counter()
-    for causal in (False, True):
-        out = sp.flex_sparse_attention(q, k, v, pattern, causal=causal, key_padding_mask=pad, bias_fn_mod=score_mod)
-        ref = reference(q, k, v, pattern, causal, pad, bias_fn, None)
-        real = pad[:, :, None, None]
-        torch.testing.assert_close(out * real, ref * real, atol=2e-5, rtol=2e-5)
-        plain = sp.flex_sparse_attention(q, k, v, pattern, causal=causal)
-        torch.testing.assert_close(plain, reference(q, k, v, pattern, causal, None, None, None), atol=2e-5, rtol=2e-5)
-    assert time.perf_counter() - start < 600
+    # Every (pattern, causal, padding, score_mod) is its own graph: this test alone makes 12, over
+    # dynamo's default limit of 8, after which flex silently runs its unfused eager path.
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=64):
+        warnings.filterwarnings("error", message=".*without torch.compile.*")  # no silent eager fallback
+        for causal in (False, True):
+            out = sp.flex_sparse_attention(
+                q, k, v, pattern, causal=causal, key_padding_mask=pad, bias_fn_mod=score_mod
+            )
+            ref = reference(q, k, v, pattern, causal, pad, bias_fn, None)
+            real = pad[:, :, None, None]
+            torch.testing.assert_close(out * real, ref * real, atol=2e-5, rtol=2e-5)
+            plain = sp.flex_sparse_attention(q, k, v, pattern, causal=causal)
+            ref = reference(q, k, v, pattern, causal, None, None, None)
+            torch.testing.assert_close(plain, ref, atol=2e-5, rtol=2e-5)

@@ -74,7 +74,9 @@ def test_auto_classes_resolve_every_head(tmp_path):
 def test_saved_config_has_the_full_auto_map(tmp_path):
     HfAttentionForQuestionAnswering(tiny_config()).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert set(saved["auto_map"]) == {"AutoConfig", *HEADS}
+    from hf_attention.configuration_hf_attention import AUTO_MAP
+
+    assert set(saved["auto_map"]) == set(AUTO_MAP) >= {"AutoConfig", *HEADS}
     for module_file in ("modeling_hf_attention.py", "configuration_hf_attention.py", "attention_additive.py",
                         "attention_sparse.py", "positions_hf_attention.py"):
         assert (tmp_path / module_file).exists(), module_file

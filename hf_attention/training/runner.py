@@ -28,6 +28,8 @@ from transformers import get_scheduler
 logger = get_logger(__name__)
 
 CHECKPOINT_DIR = re.compile(r"^(step|epoch)_(\d+)$")
+# Written after a checkpoint is complete: a run killed while saving never leaves a half checkpoint to resume from.
+CHECKPOINT_DONE = "checkpoint_complete.json"
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -75,9 +77,10 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     found = []
     for child in folder.iterdir():
         match = CHECKPOINT_DIR.match(child.name)
-        if child.is_dir() and match:
-            found.append((child.stat().st_mtime, child))
-    return max(found)[1] if found else None
+        if child.is_dir() and match and (child / CHECKPOINT_DONE).exists():
+            done = json.loads((child / CHECKPOINT_DONE).read_text())
+            found.append((done["completed_steps"], child.stat().st_mtime, child))
+    return max(found)[2] if found else None
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -140,7 +143,9 @@ class RecipeRunner:
         evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
         loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
     ) -> torch.nn.Module:
-        """Train with accumulation, clipping, scheduling, checkpoints and exact resume; returns the prepared model."""
+        """`loss_fn(model, batch)` is where random augmentation belongs (after the per-step seeding), not collate.
+
+        Train with accumulation, clipping, scheduling, checkpoints and exact resume; returns the prepared model."""
         args, accelerator = self.args, self.accelerator
         if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
@@ -172,14 +177,20 @@ class RecipeRunner:
                 )
             accelerator.print(f"Resuming from {checkpoint}")
             accelerator.load_state(str(checkpoint))
-            kind, number = CHECKPOINT_DIR.match(checkpoint.name).groups()
+            match = CHECKPOINT_DIR.match(checkpoint.name)
+            if match is None:
+                raise SystemExit(f"--resume_from_checkpoint {checkpoint}: expected a step_N or epoch_N folder")
+            kind, number = match.groups()
             if kind == "epoch":
                 start_epoch, self.completed_steps = int(number) + 1, (int(number) + 1) * updates_per_epoch
+                if (checkpoint / CHECKPOINT_DONE).exists():
+                    self.completed_steps = json.loads((checkpoint / CHECKPOINT_DONE).read_text())["completed_steps"]
             else:
                 self.completed_steps = int(number)
                 start_epoch = self.completed_steps // updates_per_epoch
                 resume_batches = (self.completed_steps % updates_per_epoch) * args.gradient_accumulation_steps
         progress = tqdm(total=max_steps, initial=self.completed_steps, disable=not accelerator.is_local_main_process)
+        micro_batch = self.completed_steps * args.gradient_accumulation_steps
         step_every = int(args.checkpointing_steps) if str(args.checkpointing_steps).isdigit() else None
         started = time.perf_counter()
         running_loss, running_count, epoch_losses = 0.0, 0, []
@@ -191,6 +202,11 @@ class RecipeRunner:
             if epoch == start_epoch and resume_batches:
                 batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
             for batch in batches:
+                # Dropout and augmentation draw from an RNG seeded by (seed, micro-batch, rank), not by history:
+                # libraries draw from the global RNG at unpredictable points (iterator starts, prefetching), and
+                # a resumed run must still see exactly the randomness of the uninterrupted one.
+                micro_batch += 1
+                torch.manual_seed(hash((args.seed, micro_batch, accelerator.process_index)) & 0x7FFFFFFF)
                 with accelerator.accumulate(model):
                     loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
                     accelerator.backward(loss)
@@ -234,7 +250,11 @@ class RecipeRunner:
         return model
 
     def save_checkpoint(self, name: str) -> None:
-        self.accelerator.save_state(str(self.output_dir / name))
+        folder = self.output_dir / name
+        self.accelerator.save_state(str(folder))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (folder / CHECKPOINT_DONE).write_text(json.dumps({"completed_steps": self.completed_steps}))
 
     def finish(self, model: torch.nn.Module, processor, metrics: dict[str, Any], card: str,
                extra_files: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,0 +1,241 @@
+"""Sparse patterns over a grid of image patches, as `SparsePattern` subclasses.
+
+Sequence index ``i`` is a prefix token ([CLS]) when ``i < num_prefix_tokens``, else the patch at
+``(row, col) = divmod(i - num_prefix_tokens, grid_width)`` (raster order). Prefix tokens attend and are
+attended globally; every token attends itself. Sizes are in patches along each axis:
+- ``local`` (``GridLocalPattern``): ``|drow| <= w and |dcol| <= w`` with ``w = sparse_window_size // 2``,
+  a (2w+1) x (2w+1) neighbourhood (the 1-D local rule ``|i - j| <= window // 2`` on each axis);
+- ``strided`` (``GridStridedPattern``): Child et al.'s two parts on each axis, ``(|drow| < s and
+  |dcol| < s) or (drow % s == 0 and dcol % s == 0)`` with ``s = sparse_stride``: a local square plus a
+  dilated lattice through the query;
+- ``block`` (``GridBlockPattern``): BigBird on tiles of ``b x b`` patches (``b = sparse_block_size``):
+  the 3 x 3 neighbouring tiles, the first ``max(sparse_num_global_tokens, num_prefix_tokens)`` tokens
+  global both ways, and ``sparse_num_random_blocks`` random tiles per query tile, drawn from
+  ``random.Random(f"{seed}:{tile}")`` among the non-neighbouring tiles of this grid.
+``allowed`` is pure tensor ops, so the dense-mask path, FlexAttention and the generic layout builder of
+`sparse_attention` (which derives key blocks from ``allowed``) all serve these patterns unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .attention_sparse import SparsePattern
+
+__all__ = ["GridBlockPattern", "GridLocalPattern", "GridPattern", "GridStridedPattern", "make_grid_pattern"]
+
+_CACHE_SIZE = 32
+# Keyed by (pattern, what, ...): equal patterns (frozen dataclasses) share their masks and tables.
+_CACHE: OrderedDict = OrderedDict()
+
+
+def _cached(key: Any, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Small LRU of ordinary tensors (built outside inference mode, so autograd may save them)."""
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    with torch.inference_mode(False), torch.no_grad():
+        value = build()
+    _CACHE[key] = value
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive" if low else "a non-negative"
+        raise ValueError(f"{name}={value!r} is not valid; it must be {kind} integer.")
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPattern(SparsePattern):
+    """Base: decodes sequence indices into grid coordinates; subclasses define ``grid_allowed``.
+
+    ``name`` stays empty so these never shadow the 1-D patterns in ``make_sparse_pattern``'s registry.
+    """
+
+    grid_height: int = 1
+    grid_width: int = 1
+    num_prefix_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("grid_height", self.grid_height, 1)
+        _check_int("grid_width", self.grid_width, 1)
+        _check_int("num_prefix_tokens", self.num_prefix_tokens, 0)
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_prefix_tokens + self.grid_height * self.grid_width
+
+    def coords(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence index -> (row, col); prefix tokens get negative rows, indices past the grid rows >= H."""
+        patch = idx - self.num_prefix_tokens
+        row = torch.div(patch, self.grid_width, rounding_mode="floor")
+        return row, patch - row * self.grid_width
+
+    def num_global(self) -> int:
+        return self.num_prefix_tokens
+
+    def grid_allowed(self, qr, qc, kr, kc) -> torch.Tensor:
+        raise NotImplementedError
+
+    def allowed(self, q_idx, kv_idx, causal, *, seq_len=None):
+        qr, qc = self.coords(q_idx)
+        kr, kc = self.coords(kv_idx)
+        g = self.num_global()
+        out = self.grid_allowed(qr, qc, kr, kc) | (q_idx < g) | (kv_idx < g) | (q_idx == kv_idx)
+        return out & (kv_idx <= q_idx) if causal else out
+
+    def dense_queries(self, seq_len: int) -> int:
+        return min(self.num_global(), seq_len)
+
+    def query_block_size(self, seq_len: int, causal: bool) -> int:
+        """About one grid row (a multiple of 16): a row of queries reads a few key rows."""
+        return max(16, min(128, 16 * round(self.grid_width / 16)))
+
+    def dense_mask(
+        self, q_len: int, kv_len: int, *, q_offset: int = 0, causal: bool = False, device: Any = None
+    ) -> torch.Tensor:
+        """Cached per shape: every layer of a forward (and every forward) reuses one mask."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        key = (self, "dense", q_len, kv_len, q_offset, bool(causal), str(device))
+        build = super().dense_mask
+        return _cached(key, lambda: build(q_len, kv_len, q_offset=q_offset, causal=causal, device=device))
+
+
+@dataclasses.dataclass(frozen=True)
+class GridLocalPattern(GridPattern):
+    """2-D neighbourhood: ``|drow| <= window_size // 2 and |dcol| <= window_size // 2``."""
+
+    window_size: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("window_size", self.window_size, 1)
+
+    @property
+    def radius(self) -> int:
+        return self.window_size // 2
+
+    def grid_allowed(self, qr, qc, kr, kc):
+        return ((qr - kr).abs() <= self.radius) & ((qc - kc).abs() <= self.radius)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridStridedPattern(GridPattern):
+    """Local ``stride x stride`` reach or the dilated lattice ``drow % s == 0 and dcol % s == 0``."""
+
+    stride: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("stride", self.stride, 1)
+
+    def grid_allowed(self, qr, qc, kr, kc):
+        dr, dc = qr - kr, qc - kc
+        s = self.stride
+        local = (dr.abs() < s) & (dc.abs() < s)
+        lattice = (torch.remainder(dr, s) == 0) & (torch.remainder(dc, s) == 0)
+        return local | lattice
+
+
+@dataclasses.dataclass(frozen=True)
+class GridBlockPattern(GridPattern):
+    """BigBird on ``block_size x block_size`` tiles: 3 x 3 neighbouring tiles, global tokens, random tiles."""
+
+    block_size: int = 2
+    num_global_tokens: int = 0
+    num_random_blocks: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("block_size", self.block_size, 1)
+        _check_int("num_global_tokens", self.num_global_tokens, 0)
+        _check_int("num_random_blocks", self.num_random_blocks, 0)
+        _check_int("seed", self.seed, -(2**63))
+
+    @property
+    def tiles(self) -> tuple[int, int]:
+        b = self.block_size
+        return -(-self.grid_height // b), -(-self.grid_width // b)
+
+    def num_global(self) -> int:
+        return max(self.num_global_tokens, self.num_prefix_tokens)
+
+    def random_tiles(self, device: Any = None) -> torch.Tensor:
+        """LongTensor [num_tiles, r]: random key tiles of each query tile (padded with the tile itself)."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        return _cached((self, "random", str(device)), lambda: self._draw(device))
+
+    def _draw(self, device: Any) -> torch.Tensor:
+        th, tw = self.tiles
+        r = self.num_random_blocks
+        rows = []
+        for tile in range(th * tw):
+            tr, tc = divmod(tile, tw)
+            pool = [t for t in range(th * tw) if abs(t // tw - tr) > 1 or abs(t % tw - tc) > 1]
+            drawn = random.Random(f"{self.seed}:{tile}").sample(pool, min(r, len(pool)))
+            rows.append(drawn + [tile] * (r - len(drawn)))
+        return torch.tensor(rows, dtype=torch.long, device=device).view(th * tw, r)
+
+    def _tile(self, row: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.div(row, self.block_size, rounding_mode="floor"), torch.div(
+            col, self.block_size, rounding_mode="floor"
+        )
+
+    def _grid_allowed(self, qr, qc, kr, kc, table: torch.Tensor | None) -> torch.Tensor:
+        qtr, qtc = self._tile(qr, qc)
+        ktr, ktc = self._tile(kr, kc)
+        out = ((qtr - ktr).abs() <= 1) & ((qtc - ktc).abs() <= 1)
+        if table is not None:
+            th, tw = self.tiles
+            q_tile = qtr * tw + qtc
+            inside = (qr >= 0) & (qtr < th)  # prefix tokens and padded indices past the grid read no row
+            row = q_tile.clamp(0, th * tw - 1)
+            k_tile = ktr * tw + ktc
+            hit = table[row, 0] == k_tile
+            for t in range(1, self.num_random_blocks):
+                hit = hit | (table[row, t] == k_tile)
+            out = out | (hit & inside & (kr >= 0))
+        return out
+
+    def grid_allowed(self, qr, qc, kr, kc):
+        table = self.random_tiles(qr.device) if self.num_random_blocks else None
+        return self._grid_allowed(qr, qc, kr, kc, table)
+
+    def mask_fn(self, causal: bool, seq_len: int, device: Any = None) -> Callable[..., torch.Tensor]:
+        """Binds the random table now, outside a traced FlexAttention mask_mod."""
+        table = self.random_tiles(device) if self.num_random_blocks else None
+        g = self.num_global()
+
+        def allowed(q_idx, kv_idx):
+            qr, qc = self.coords(q_idx)
+            kr, kc = self.coords(kv_idx)
+            out = self._grid_allowed(qr, qc, kr, kc, table) | (q_idx < g) | (kv_idx < g) | (q_idx == kv_idx)
+            return out & (kv_idx <= q_idx) if causal else out
+
+        return allowed
+
+
+def make_grid_pattern(config, grid_height: int, grid_width: int, num_prefix_tokens: int) -> GridPattern:
+    """The 2-D pattern for `config.sparse_pattern` on one grid (see the module docstring for the sizes)."""
+    common = dict(grid_height=grid_height, grid_width=grid_width, num_prefix_tokens=num_prefix_tokens)
+    kind = config.sparse_pattern
+    if kind == "local":
+        return GridLocalPattern(window_size=config.sparse_window_size, **common)
+    if kind == "strided":
+        return GridStridedPattern(stride=config.sparse_stride, **common)
+    if kind == "block":
+        return GridBlockPattern(
+            block_size=config.sparse_block_size, num_global_tokens=config.sparse_num_global_tokens,
+            num_random_blocks=config.sparse_num_random_blocks, seed=config.sparse_seed, **common,
+        )
+    raise ValueError(f"sparse_pattern={kind!r} is not valid; choose one of 'local', 'strided', 'block'.")
