@@ -152,7 +152,10 @@ def measure_memory(args: argparse.Namespace, length: int, which: str) -> float:
         "--threads",
         str(args.threads),
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # Big blocks straight from mmap, so that freed memory leaves the RSS (glibc would otherwise keep
+    # blocks below its adaptive threshold, up to 32 MB, and hide later reuse of them).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
 
 
@@ -170,6 +173,7 @@ def main() -> None:
     )
     parser.add_argument("--naive", action="store_true", help="also time the broadcast formula (6 GB at 1024)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -178,6 +182,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {args.threads}, B=1 H={args.heads} A=D={args.dim}, fp32")
     for length in args.lengths:
+        if args.memory_only:
+            measure_all_memory(args, length)
+            continue
         inp = make_inputs(length, args.heads, args.dim, grad=False)
         ginp = make_inputs(length, args.heads, args.dim, grad=True)
         for backend in args.backends:  # first calls: compile time when compiling
@@ -199,10 +206,17 @@ def main() -> None:
             print(f"L={length} sdpa {label:8s} {base * 1e3:9.1f} ms")
             for name, sec in res.items():
                 print(f"L={length} {name:16s} {sec * 1e3:9.1f} ms  = {sec / base:6.2f}x sdpa {label}")
-        if not args.no_memory and sys.platform.startswith("linux"):
-            for which in [*args.backends, "sdpa"] + (["naive"] if args.naive else []):
-                mb = measure_memory(args, length, which)
-                print(f"L={length} peak memory fwd+bwd {which:6s} {mb:9.1f} MB")
+        if not args.no_memory:
+            measure_all_memory(args, length)
+
+
+def measure_all_memory(args: argparse.Namespace, length: int) -> None:
+    if not sys.platform.startswith("linux"):
+        print("peak memory needs /proc (Linux)")
+        return
+    for which in [*args.backends, "sdpa"] + (["naive"] if args.naive else []):
+        mb = measure_memory(args, length, which)
+        print(f"L={length} peak memory fwd+bwd {which:6s} {mb:9.1f} MB")
 
 
 if __name__ == "__main__":

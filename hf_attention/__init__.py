@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from .configuration_hf_attention import HfAttentionConfig
+from .integration import use_variant  # registers the hf_attention_* attn_implementations
 from .modeling_hf_attention import (
     HfAttentionDecoder,
     HfAttentionEncoderDecoderModel,
@@ -66,4 +67,5 @@ __all__ = [
     "HfAttentionVisionModel",
     "HfAttentionForImageClassification",
     "make_image_processor",
+    "use_variant",
 ]

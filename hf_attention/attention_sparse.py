@@ -43,6 +43,9 @@ __all__ = [
 # compute at least DENSE_FALLBACK_DENSITY of the L x L scores.
 DENSE_FALLBACK_MAX_LEN = 512
 DENSE_FALLBACK_DENSITY = 0.3
+# A residue component (``strided``) needs explicit scores and softmax instead of one fused SDPA call:
+# count its scores, and the band's it is joined with, this many times when comparing with the above.
+EXPLICIT_SCORE_COST = 2.0
 # Query block size bounds for the band patterns: small blocks waste less work at the window edges,
 # large blocks give the matmuls enough rows to be efficient.
 MIN_QUERY_BLOCK = 16
@@ -417,7 +420,7 @@ class _Layout:
     diag: torch.Tensor  # [nQB, bs, K * bs] query == key
     dense_queries: int
     residue: _Residue | None
-    density: float  # computed scores / L^2
+    density: float  # computed scores / L^2, explicit ones weighted by EXPLICIT_SCORE_COST
 
     @property
     def num_keys(self) -> int:
@@ -461,7 +464,9 @@ def _build_layout(pattern: SparsePattern, seq_len: int, causal: bool, device: to
         rmask &= ~pattern.blocked_allowed(qi, ki, causal, seq_len=seq_len) & (ki < seq_len)
         if bool(rmask.any()):
             residue = _Residue(stride, groups, pos.clamp(max=seq_len - 1).to(device), rmask.to(device))
-    computed = nb * bs * k * bs + (residue.stride * residue.groups**2 if residue else 0)
+    computed = nb * bs * k * bs
+    if residue is not None:
+        computed = (computed + residue.stride * residue.groups**2) * EXPLICIT_SCORE_COST
     dense_rows = pattern.dense_queries(seq_len)
     computed += dense_rows * seq_len
     return _Layout(

@@ -403,7 +403,7 @@ class SplitEvaluator:
                                 if self.references is not None else {})
 
     @torch.no_grad()
-    def run(self, model, generate: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def run(self, model, generate: bool = True, loss: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
         accelerator, pad = self.accelerator, self.generation.pad_token_id
         started = time.perf_counter()
         was_training = model.training
@@ -417,7 +417,7 @@ class SplitEvaluator:
             labels = batch.pop("labels", None)
             decoder_input_ids = batch.pop("decoder_input_ids", None)
             outputs = []
-            if labels is not None:
+            if loss and labels is not None:
                 logits = model(**batch, labels=labels, decoder_input_ids=decoder_input_ids).logits
                 token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
                                              reduction="none")
@@ -427,7 +427,7 @@ class SplitEvaluator:
                 outputs.append(accelerator.pad_across_processes(tokens, dim=1, pad_index=pad))
             gathered = accelerator.gather_for_metrics((index, *outputs))
             gathered_index = gathered[0].tolist()
-            if labels is not None:
+            if loss and labels is not None:
                 loss_sum += float(gathered[1].sum())
                 token_count += float(gathered[2].sum())
             if generate:
@@ -513,11 +513,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     last_eval: dict[str, Any] = {}
 
     def evaluate(model, epoch: int) -> dict[str, float]:
-        """Per-epoch validation; the generation results are kept so the final report need not regenerate."""
+        """Per-epoch validation, kept so the final report need not recompute the loss (or regenerate)."""
         generate = args.eval_strategy == "epoch"
         metrics, records = evaluators["eval"].run(model, generate=generate)
-        if generate:
-            last_eval.update(step=runner.completed_steps, metrics=metrics, records=records)
+        last_eval.update(step=runner.completed_steps, metrics=metrics, records=records, generated=generate)
         return metrics
 
     if args.do_train:
@@ -530,10 +529,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     metrics: dict[str, Any] = {}
     if "eval" in evaluators:
-        if last_eval.get("step") == runner.completed_steps and args.do_train:
+        current = last_eval.get("step") == runner.completed_steps and args.do_train
+        if current and last_eval["generated"]:
             eval_metrics, records = last_eval["metrics"], last_eval["records"]
         else:
-            eval_metrics, records = evaluators["eval"].run(model)
+            eval_metrics, records = evaluators["eval"].run(model, loss=not current)
+            if current:
+                eval_metrics = {**last_eval["metrics"], **eval_metrics}
         metrics.update(eval_metrics)
         evaluators["eval"].write(output_dir, records, "eval_generated_predictions.txt")
     if "test" in evaluators:

@@ -18,11 +18,15 @@ for _key, _value in {
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Tiny models: one thread each is fastest, and pytest-xdist runs one worker per core (subprocesses inherit).
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(_key, _value)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

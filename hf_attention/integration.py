@@ -1,0 +1,388 @@
+"""Our parameter-free attention variants as ``attn_implementation`` choices for transformers' own models.
+
+``import hf_attention.integration`` (``import hf_attention`` does it too) registers, in transformers'
+``AttentionInterface`` and ``AttentionMaskInterface``:
+
+- ``"hf_attention_sparse"``: the sparse pattern of the model config (``config.hf_attention_sparse_*``),
+- ``"hf_attention_alibi"``: ALiBi, ``-slope_h * |i - j|`` added to the scores (BLOOM slopes),
+- ``"hf_attention_sparse_alibi"``: both.
+
+Any model whose attention layers dispatch through ``ALL_ATTENTION_FUNCTIONS`` (BERT, ViT, BART, Llama, ...)
+can then use them::
+
+    import hf_attention.integration  # registers the names; from_pretrained needs it first
+    model = AutoModel.from_pretrained(path, attn_implementation="hf_attention_sparse")
+    # or, setting the pattern on model.config:
+    hf_attention.use_variant(model, "sparse", pattern="local", window_size=64)
+
+The mask entry is transformers' ``sdpa_mask``: without a matching ``AttentionMaskInterface`` entry
+transformers silently drops the padding mask. Variants only change self-attention: cross-attention keys are
+another sequence, so there they run plain SDPA. Decoders keep their causal mask, and the pattern is the causal
+form (``LocalPattern``: the ``window_size`` previous tokens). Positions for the pattern and the bias are those
+of the real tokens (padding does not count), queries taking their own key's position, so padded batches,
+cached decoding and left-padded generation see the same distances as one unpadded full forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+from transformers.utils import logging
+
+from .attention_sparse import LocalPattern, SparsePattern, StridedPattern, make_sparse_pattern, sparse_attention
+from .positions_hf_attention import AlibiBias
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "SPARSE_CONFIG_PREFIX",
+    "SPARSE_DEFAULTS",
+    "alibi_attention_forward",
+    "register",
+    "sparse_alibi_attention_forward",
+    "sparse_attention_forward",
+    "sparse_pattern_from_config",
+    "use_variant",
+]
+
+# Config attribute prefix: `config.hf_attention_sparse_window_size` etc. (saved in config.json with the model).
+SPARSE_CONFIG_PREFIX = "hf_attention_sparse_"
+# Same defaults as HfAttentionConfig's sparse_* fields; max_positions falls back to max_position_embeddings.
+SPARSE_DEFAULTS: dict[str, Any] = {
+    "pattern": "local",
+    "window_size": 128,
+    "block_size": 64,
+    "stride": 64,
+    "num_global_tokens": 1,
+    "num_random_blocks": 1,
+    "seed": 0,
+    "max_positions": None,
+}
+_DEFAULT_MAX_POSITIONS = 4096
+logger = logging.get_logger(__name__)
+
+# Patterns that depend only on i - j: slot indices give the real distances whenever the real tokens are one
+# contiguous run (left or right padding), so the blocked kernel can work in slot space.
+_SHIFT_INVARIANT = (LocalPattern, StridedPattern)
+
+# Variants that need trained weights transformers' models do not have: named in a clear error.
+_NEEDS_PARAMETERS = {
+    "additive": "additive (Bahdanau) scoring needs learned projections W_q, W_k and a vector v",
+    "relative": "T5-style relative position bias is a learned table (bucket x head)",
+    "learned": "learned absolute positions are an embedding table added to the inputs",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def _sparse_options(config: Any) -> dict[str, Any]:
+    options = {
+        name: getattr(config, SPARSE_CONFIG_PREFIX + name, default) if config is not None else default
+        for name, default in SPARSE_DEFAULTS.items()
+    }
+    if options["max_positions"] is None:
+        options["max_positions"] = getattr(config, "max_position_embeddings", None) or _DEFAULT_MAX_POSITIONS
+    return options
+
+
+@functools.lru_cache(maxsize=64)
+def _build_pattern(items: tuple[tuple[str, Any], ...]) -> SparsePattern:
+    options = dict(items)
+    try:
+        return make_sparse_pattern(options.pop("pattern"), **options)
+    except ValueError as err:
+        raise ValueError(
+            f"{err} (sparse options are read from config.{SPARSE_CONFIG_PREFIX}*; set them with "
+            "hf_attention.use_variant(model, 'sparse', pattern=..., window_size=...))"
+        ) from err
+
+
+def sparse_pattern_from_config(config: Any) -> SparsePattern:
+    """The pattern named by ``config.hf_attention_sparse_*`` (defaults where unset); cached per option set."""
+    return _build_pattern(tuple(sorted(_sparse_options(config).items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _alibi(num_heads: int) -> AlibiBias:
+    return AlibiBias(num_heads)
+
+
+# --------------------------------------------------------------------------------------------------
+# The attention function
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_cross_attention(module: torch.nn.Module, causal: bool, q_len: int, kv_len: int) -> bool:
+    """Whether keys come from another sequence; the signal differs per model family.
+
+    BERT: the cross layer is its own class ``BertCrossAttention`` (``BertAttention.is_cross_attention`` sits on
+    the parent). BART/mBART/Marian/Whisper: ``encoder_attn`` is ``is_decoder=True`` but ``is_causal=False``,
+    while both self-attentions of a decoder are causal and the encoder's has ``is_decoder=False``. Anything
+    else: a non-causal layer whose key length differs from the query length (encoders keep no cache).
+    """
+    if getattr(module, "is_cross_attention", False) or "crossattention" in type(module).__name__.lower():
+        return True
+    if getattr(module, "is_decoder", False) and not getattr(module, "is_causal", True):
+        return True
+    return not causal and q_len != kv_len
+
+
+def _as_bool_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(allowed, additive part) of a 4-D mask; float (eager-style) masks mark blocked entries with dtype min."""
+    if mask.dtype == torch.bool:
+        return mask, None
+    allowed = mask > torch.finfo(mask.dtype).min / 2
+    extra = mask.masked_fill(~allowed, 0.0)
+    return allowed, (extra if bool(extra.any()) else None)
+
+
+def _real_positions(
+    allowed: torch.Tensor | None, causal: bool, q_len: int, kv_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B or 1, Lq] and [B or 1, Lk] of queries and keys counted over real (unpadded) tokens.
+
+    Keys: running count of real keys. A key is real when the mask's last query row attends it (causally that
+    query sees every earlier key; bidirectionally every row sees all real keys). A causal query sits at the
+    last key it attends, its own; a bidirectional one (same length) at its own slot. Without a mask: slots,
+    queries aligned to the end of the keys (cached decoding).
+    """
+    if allowed is None:
+        kv_pos = torch.arange(kv_len, device=device)[None]
+        return kv_pos[:, kv_len - q_len :], kv_pos
+    rows = allowed[:, 0]  # [B, Lq, Lk]
+    kv_pos = (rows[:, -1].long().cumsum(-1) - 1).clamp(min=0)  # leading padding: position 0, masked anyway
+    if causal:
+        slot = (rows.long() * torch.arange(1, kv_len + 1, device=device)).amax(-1) - 1  # -1: empty row
+        fallback = torch.arange(kv_len - q_len, kv_len, device=device).expand_as(slot)
+        slot = torch.where(slot >= 0, slot, fallback)
+    else:
+        slot = torch.arange(kv_len - q_len, kv_len, device=device).expand(rows.shape[0], q_len)
+    return kv_pos.gather(1, slot), kv_pos
+
+
+def _blocked_padding(
+    mask: torch.Tensor | None, pattern: SparsePattern, causal: bool, batch: int, seq_len: int
+) -> tuple[bool, torch.Tensor | None]:
+    """(usable, key padding [B, L]) for the block-skipping kernel, which takes only causal + key padding.
+
+    Usable when the mask is exactly (causal and) key padding, and slot distances are real distances for the
+    pattern: one contiguous run of real tokens for patterns of ``i - j`` only, real tokens from slot 0 else.
+    The check reads the O(L^2) mask once, which transformers has already built.
+    """
+    if mask is None:
+        return True, None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return False, None
+    keys = mask[:, 0, -1].expand(batch, seq_len)  # [B, L]
+    expected = keys[:, None, :]
+    if causal:
+        expected = expected & torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
+    if not torch.equal(mask[:, 0].expand(batch, seq_len, seq_len), expected.expand(batch, seq_len, seq_len)):
+        return False, None
+    edges = F.pad(keys.to(torch.int8), (1, 1)).diff(dim=-1)
+    contiguous = bool(((edges == 1).sum(-1) <= 1).all())
+    from_start = bool((keys[:, :1] | ~keys.any(-1, keepdim=True)).all())
+    usable = contiguous and (from_start or isinstance(pattern, _SHIFT_INVARIANT))
+    return usable, keys
+
+
+def _dense(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    pattern: SparsePattern | None,
+    bias_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    causal: bool,
+    scaling: float,
+    dropout: float,
+) -> torch.Tensor:
+    """SDPA under (model mask & pattern) + bias, all evaluated on real-token positions; out [B, Lq, H, D]."""
+    q_len, kv_len, device = query.shape[2], key.shape[2], query.device
+    allowed, extra = _as_bool_mask(mask) if mask is not None else (None, None)
+    if allowed is None:  # causal without a mask: lower-right aligned (cached decoding)
+        q_idx = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        base = (torch.arange(kv_len, device=device) <= q_idx) if causal else None
+        allowed = None if base is None else base[None, None]
+    q_pos, kv_pos = _real_positions(allowed, causal, q_len, kv_len, device)
+    q_pos, kv_pos = q_pos[:, :, None], kv_pos[:, None, :]  # [B', Lq, 1], [B', 1, Lk]
+    keep = allowed
+    if pattern is not None:
+        rule = pattern.allowed(q_pos, kv_pos, causal, seq_len=kv_len)[:, None]
+        keep = rule if keep is None else keep & rule
+    if keep is not None:
+        keep = keep | ~keep.any(-1, keepdim=True)  # padding queries with no key: finite garbage, never NaN
+    attn_mask = keep
+    if bias_fn is not None:
+        bias = bias_fn(kv_pos - q_pos).movedim(0, 1).to(query.dtype)  # [B', H, Lq, Lk]
+        if extra is not None:
+            bias = bias + extra.to(query.dtype)
+        attn_mask = bias if keep is None else bias.masked_fill(~keep, float("-inf"))
+    elif extra is not None:
+        attn_mask = extra.to(query.dtype).masked_fill(~keep, float("-inf"))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _variant_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    sparse: bool,
+    alibi: bool,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Shared body: cross-attention -> plain SDPA; same length -> blocked kernel when it applies; else dense."""
+    if kwargs.get("output_attentions", False):
+        logger.warning_once("hf_attention variants do not return attention weights (like `sdpa`); use `eager`.")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if _is_cross_attention(module, causal, q_len, kv_len):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+        )
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:  # grouped-query attention (Llama): one key/value head per group of query heads
+        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+    if attention_mask is None and causal and 1 < q_len < kv_len:
+        # transformers skips the mask only for a prefill into an empty static cache: keys past q_len are empty
+        key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    pattern = sparse_pattern_from_config(getattr(module, "config", None)) if sparse else None
+    bias_fn = _alibi(query.shape[1]) if alibi else None
+
+    if pattern is not None and q_len == kv_len:
+        usable, key_padding = _blocked_padding(attention_mask, pattern, causal, query.shape[0], q_len)
+        if usable:
+            out = sparse_attention(
+                query, key, value, pattern, causal=causal, key_padding_mask=key_padding, bias_fn=bias_fn,
+                scaling=scaling, dropout=dropout, training=dropout > 0,
+            )
+            return out, None
+    return _dense(query, key, value, attention_mask, pattern, bias_fn, causal, scaling, dropout), None
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """``hf_attention_sparse``: the config's sparse pattern on self-attention; blocked kernel where it applies."""
+    return _variant_attention(module, query, key, value, attention_mask, sparse=True, alibi=False, **kwargs)
+
+
+def alibi_attention_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """``hf_attention_alibi``: scores + ``-slope_h * |i - j|`` on self-attention (causal: under the causal mask)."""
+    return _variant_attention(module, query, key, value, attention_mask, sparse=False, alibi=True, **kwargs)
+
+
+def sparse_alibi_attention_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """``hf_attention_sparse_alibi``: the sparse pattern with the ALiBi bias."""
+    return _variant_attention(module, query, key, value, attention_mask, sparse=True, alibi=True, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration and the user-facing helper
+# --------------------------------------------------------------------------------------------------
+
+# short variant name -> registered attn_implementation name
+ATTENTION_IMPLEMENTATIONS: dict[str, str] = {
+    "sparse": "hf_attention_sparse",
+    "alibi": "hf_attention_alibi",
+    "sparse_alibi": "hf_attention_sparse_alibi",
+}
+_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, None]]] = {
+    "hf_attention_sparse": sparse_attention_forward,
+    "hf_attention_alibi": alibi_attention_forward,
+    "hf_attention_sparse_alibi": sparse_alibi_attention_forward,
+}
+_ALIASES = {"sparse+alibi": "sparse_alibi", "sparse-alibi": "sparse_alibi"}
+
+
+def register() -> None:
+    """Register every variant and its mask function (sdpa's boolean masks); idempotent."""
+    for name, fn in _FUNCTIONS.items():
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def _resolve(variant: str) -> str:
+    short = _ALIASES.get(variant, variant)
+    if short in ATTENTION_IMPLEMENTATIONS:
+        return ATTENTION_IMPLEMENTATIONS[short]
+    if short in _FUNCTIONS:
+        return short
+    choices = ", ".join(repr(name) for name in ATTENTION_IMPLEMENTATIONS)
+    base = short.removeprefix("hf_attention_") if isinstance(short, str) else short
+    if base in _NEEDS_PARAMETERS:
+        raise ValueError(
+            f"Variant {variant!r} cannot be added to an existing model: {_NEEDS_PARAMETERS[base]}, which "
+            f"transformers' models do not have. Parameter-free choices: {choices}. Use HfAttentionConfig("
+            f"attention_type/position_embedding_type={base!r}) to train a model with it."
+        )
+    raise ValueError(f"Unknown attention variant {variant!r}; parameter-free choices: {choices}.")
+
+
+def _configs(model: PreTrainedModel) -> list[PreTrainedConfig]:
+    """The model's config and every sub-model's (composite models give attention layers their sub-config)."""
+    seen: dict[int, PreTrainedConfig] = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PreTrainedConfig):
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+def use_variant(model: PreTrainedModel, variant: str, **params: Any) -> PreTrainedModel:
+    """Switch ``model`` to ``variant`` ("sparse", "alibi", "sparse_alibi"); sparse options go on its config.
+
+    ``params`` are the sparse options (``pattern``, ``window_size``, ``block_size``, ``stride``,
+    ``num_global_tokens``, ``num_random_blocks``, ``seed``, ``max_positions``), stored as
+    ``config.hf_attention_sparse_<name>`` so ``save_pretrained`` keeps them; reload with
+    ``from_pretrained(path, attn_implementation="hf_attention_sparse")`` after importing this module.
+    Returns the model (switched in place).
+    """
+    name = _resolve(variant)
+    register()
+    if params and "sparse" not in name:
+        raise ValueError(f"Variant {variant!r} takes no parameters, got {sorted(params)}.")
+    unknown = sorted(set(params) - set(SPARSE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"Unknown sparse option(s) {unknown}; valid: {sorted(SPARSE_DEFAULTS)}.")
+    configs = _configs(model)
+    if "sparse" in name:  # validate everything before changing anything
+        for config in configs:
+            sparse_pattern_from_config(_Overlay(config, params))
+    for config in configs:
+        for option, value in params.items():
+            setattr(config, SPARSE_CONFIG_PREFIX + option, value)
+    model.set_attn_implementation(name)
+    return model
+
+
+class _Overlay:
+    """A config seen through pending ``use_variant`` options (validation before anything is set)."""
+
+    def __init__(self, config: PreTrainedConfig, params: dict[str, Any]):
+        self._config, self._params = config, params
+
+    def __getattr__(self, attr: str) -> Any:
+        option = attr.removeprefix(SPARSE_CONFIG_PREFIX)
+        if attr.startswith(SPARSE_CONFIG_PREFIX) and option in self._params:
+            return self._params[option]
+        return getattr(self._config, attr)
+
+
+register()
