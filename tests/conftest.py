@@ -20,6 +20,8 @@ for _key, _value in {
     "TOKENIZERS_PARALLELISM": "false",
     # Tiny models: one thread each is fastest, and pytest-xdist runs one worker per core (subprocesses inherit).
     "OMP_NUM_THREADS": "1",
+    # The additive kernel compiles only for large inputs; compiling costs 10-40 s, so tests use the eager path.
+    "HF_ATTENTION_DISABLE_COMPILE": "1",
 }.items():
     os.environ.setdefault(_key, _value)
 

@@ -68,7 +68,6 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     assert a["eval_accuracy"] == b["eval_accuracy"]
 
 
-@pytest.mark.slow
 def test_two_cpu_processes_really_run_and_match_one_process(tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -213,3 +212,13 @@ def test_fully_shard_on_two_cpu_ranks_trains_like_one_process(tmp_path):
     for worker, (_out, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-4000:]
     assert "FSDP-OK" in outputs[0][0]
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"cpu_single", "cpu_2proc", "multi_gpu_ddp", "fsdp_gpu", "deepspeed_zero2"}
+    for file in files:
+        config = load_config_from_file(str(file))
+        assert config.num_processes >= 1, file.name
