@@ -222,3 +222,22 @@ def test_shipped_accelerate_configs_parse():
     for file in files:
         config = load_config_from_file(str(file))
         assert config.num_processes >= 1, file.name
+
+
+def test_convert_from_a_transformers_checkpoint_on_the_fly(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, num_channels=3, hidden_size=32,
+                                              num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                              num_labels=10))
+    vit.save_pretrained(tmp_path / "vit")
+    recipe = _import_recipe()
+    out = tmp_path / "run"
+    results = recipe.main(BASE[:2] + ["--augment", "none", "--max_train_samples", "64", "--max_eval_samples", "20",
+                                      "--max_train_steps", "2", "--convert_from", str(tmp_path / "vit"),
+                                      "--attention_type", "sparse", "--position_embedding_type", "alibi",
+                                      "--output_dir", str(out)])
+    assert (out / "converted_model" / "conversion_report.json").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "hf_attention" and config["attention_type"] == "sparse"
+    assert config["position_embedding_type"] == "alibi" and results["train_steps"] == 2

