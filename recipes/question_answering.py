@@ -40,7 +40,6 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForQuestionAnswering,
-    AutoTokenizer,
     DataCollatorWithPadding,
     default_data_collator,
 )
@@ -51,7 +50,7 @@ from hf_attention.training.arguments import add_common_args, parse_recipe_args
 from hf_attention.training.data import load_local_dataset, require_columns, split_squad_by_article
 from hf_attention.training.metrics import LocalMetric, load_metric, squad_v1_scores
 from hf_attention.training.runner import RecipeRunner, make_accelerator, model_card
-from hf_attention.training.setup import build_model, load_raw_datasets, load_tokenizer, select_samples
+from hf_attention.training.setup import build_model, load_raw_datasets, select_samples, shared_tokenizer
 
 logger = get_logger(__name__)
 
@@ -474,28 +473,11 @@ def get_tokenizer(args: argparse.Namespace, splits: dict[str, Dataset], accelera
     Tokenizer training is not deterministic across processes (the vocabulary itself changes run to run), so the
     main process trains and saves it to --output_dir and the other ranks load that copy; a resumed run reuses it.
     """
-    name = args.tokenizer_name or args.model_name_or_path
-    if name:
-        try:
-            return load_tokenizer(args, None)
-        except (OSError, ValueError) as err:
-            flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
-            raise SystemExit(f"{flag} {name}: no tokenizer could be loaded ({err}); pass --tokenizer_name") from err
-    output_dir = Path(args.output_dir)
-    if args.resume_from_checkpoint is not None and (output_dir / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(output_dir)
-    if "train" not in splits:
-        raise SystemExit("no tokenizer: pass --tokenizer_name or --model_name_or_path, or train (--do_train with "
-                         "training data) so one is learnt from the training text")
-    tokenizer = None
-    if accelerator.is_main_process:
+    def texts():
         train = splits["train"]
-        texts = list(dict.fromkeys(train[args.context_column_name])) + list(train[args.question_column_name])
-        tokenizer = load_tokenizer(args, texts)
-        tokenizer.save_pretrained(output_dir)
-    accelerator.wait_for_everyone()
-    return tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(output_dir)
+        return list(dict.fromkeys(train[args.context_column_name])) + list(train[args.question_column_name])
 
+    return shared_tokenizer(args, "train" in splits, texts, accelerator, "--do_train with training data")
 
 def make_collator(tokenizer, args: argparse.Namespace, accelerator):
     if args.pad_to_max_length:

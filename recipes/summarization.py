@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, GenerationConfig
+from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, GenerationConfig
 
 from hf_attention import HfAttentionConfig
 from hf_attention.training.arguments import add_common_args, parse_recipe_args
 from hf_attention.training.metrics import first_sentence_baseline, rouge_scores
 from hf_attention.training.runner import RecipeRunner, make_accelerator, model_card
-from hf_attention.training.setup import build_model, load_raw_datasets, load_tokenizer, select_samples
+from hf_attention.training.setup import build_model, load_raw_datasets, select_samples, shared_tokenizer
 
 TASK = "summarization"
 SPLIT_FLAGS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
@@ -217,27 +217,11 @@ def references_of(args: argparse.Namespace, data) -> list[list[str]] | None:
 def get_tokenizer(args: argparse.Namespace, splits: dict[str, Any], accelerator):
     """The named tokenizer, or one trained on the training text by the main process and loaded by the others
     (so every rank has the same vocabulary); a resumed run reuses the one saved in --output_dir."""
-    name = args.tokenizer_name or args.model_name_or_path
-    if name:
-        try:
-            return load_tokenizer(args, None)
-        except (OSError, ValueError) as err:
-            flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
-            raise SystemExit(f"{flag} {name}: no tokenizer could be loaded ({err}); pass --tokenizer_name") from err
-    output_dir = Path(args.output_dir)
-    if args.resume_from_checkpoint is not None and (output_dir / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(output_dir)
-    if "train" not in splits:
-        raise SystemExit("no tokenizer: pass --tokenizer_name or --model_name_or_path, or train (--train_file) "
-                         "so one is learnt from the training text")
-    tokenizer = None
-    if accelerator.is_main_process:
+    def texts():
         train = splits["train"]
-        texts = (as_text(value) for column in (args.text_column, args.summary_column) for value in train[column])
-        tokenizer = load_tokenizer(args, texts)
-        tokenizer.save_pretrained(output_dir)
-    accelerator.wait_for_everyone()
-    return tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(output_dir)
+        return (as_text(value) for column in (args.text_column, args.summary_column) for value in train[column])
+
+    return shared_tokenizer(args, "train" in splits, texts, accelerator, "--train_file")
 
 
 def special_ids(tokenizer) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """Model, tokenizer and dataset setup shared by the recipes."""
 
 import argparse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
@@ -76,6 +77,34 @@ def load_tokenizer(args: argparse.Namespace, texts: Iterator[str] | None) -> Pre
     if texts is None:
         raise SystemExit("no tokenizer: pass --tokenizer_name or --model_name_or_path, or training text to learn one")
     return train_wordpiece_tokenizer(texts, args.vocab_size)
+
+
+def shared_tokenizer(args: argparse.Namespace, has_train: bool, texts: Callable[[], Iterable[str]], accelerator,
+                     how_to_train: str) -> PreTrainedTokenizerFast:
+    """The named tokenizer, or one trained on the training text by the main process and loaded by the others.
+
+    WordPiece training is not deterministic across processes, so every rank must share one vocabulary; a resumed
+    run reuses the one saved in --output_dir.
+    """
+    name = args.tokenizer_name or args.model_name_or_path
+    if name:
+        try:
+            return load_tokenizer(args, None)
+        except (OSError, ValueError) as err:
+            flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+            raise SystemExit(f"{flag} {name}: no tokenizer could be loaded ({err}); pass --tokenizer_name") from err
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint is not None and (output_dir / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(output_dir)
+    if not has_train:
+        raise SystemExit(f"no tokenizer: pass --tokenizer_name or --model_name_or_path, or train ({how_to_train}) "
+                         "so one is learnt from the training text")
+    tokenizer = None
+    if accelerator.is_main_process:
+        tokenizer = load_tokenizer(args, texts())
+        tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+    return tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(output_dir)
 
 
 def load_raw_datasets(args: argparse.Namespace, hub_kwargs: dict[str, Any] | None = None):
