@@ -82,6 +82,7 @@ class HfAttentionConfig(PreTrainedConfig):
     hidden_act: str = "gelu"
     hidden_dropout_prob: float | int = 0.1
     attention_probs_dropout_prob: float | int = 0.1
+    activation_dropout: float | int = 0.0  # inside the MLP, after the activation (BART's; BERT and ViT have none)
     classifier_dropout: float | int | None = None
     layer_norm_eps: float = 1e-12
     max_position_embeddings: int = 512
@@ -190,7 +191,7 @@ class HfAttentionConfig(PreTrainedConfig):
                      "max_position_embeddings", "num_attention_heads", "hidden_size", "intermediate_size",
                      "image_size", "patch_size", "num_channels", "vocab_size"):
             _positive(name, getattr(self, name))
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout", "classifier_dropout"):
             _probability(name, getattr(self, name))
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta={self.rope_theta!r} is not valid; it must be positive.")

@@ -46,7 +46,8 @@ EXACT_TOLERANCE = 1e-4
 REPORT_FILE = "conversion_report.json"
 # Overrides that leave an eval-mode forward unchanged: with only these the model must still match the source.
 NEUTRAL_OVERRIDES = frozenset({
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "initializer_range", "use_cache",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout", "classifier_dropout",
+    "initializer_range", "use_cache",
     "attn_implementation", "id2label", "label2id", "problem_type", "output_hidden_states", "return_dict",
     "bos_token_id", "eos_token_id", "decoder_start_token_id",
 })
@@ -425,7 +426,7 @@ def _bart_plan(model: PreTrainedModel, task: str) -> _Plan:
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.encoder_layers,
         encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
         num_attention_heads=cfg.encoder_attention_heads, intermediate_size=cfg.encoder_ffn_dim,
-        hidden_act=cfg.activation_function, hidden_dropout_prob=cfg.dropout,
+        hidden_act=cfg.activation_function, hidden_dropout_prob=cfg.dropout, activation_dropout=cfg.activation_dropout,
         attention_probs_dropout_prob=cfg.attention_dropout, classifier_dropout=cfg.classifier_dropout,
         layer_norm_eps=1e-5,  # BART's nn.LayerNorm default
         max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=0, initializer_range=cfg.init_std,
@@ -464,9 +465,6 @@ def _bart_plan(model: PreTrainedModel, task: str) -> _Plan:
                 raise ValueError("BART final_logits_bias is non-zero; hf_attention's LM head has no logits bias.")
             plan.drop_reasons["final_logits_bias"] = "all zeros: adding it changes nothing"
         plan.generation_config = GenerationConfig.from_dict(model.generation_config.to_dict())
-    if cfg.activation_dropout != cfg.dropout:
-        plan.notes.append(f"Training only: our MLP drops with hidden_dropout_prob={cfg.dropout} where BART used "
-                          f"activation_dropout={cfg.activation_dropout}.")
     return plan
 
 
@@ -615,9 +613,17 @@ def _apply_plan(
     target_sd = target.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     used: set[str] = set()
+    fresh: set[str] = set()  # new tensors that take the source's own seeded fresh draw
     for name, ref in target_sd.items():
         item = plan.items.get(name)
-        if item is None or random_sources & set(item.sources):
+        if item is None:
+            continue
+        if random_sources & set(item.sources):
+            # The source class initialised it (under `seed`): taking that draw makes the converted model start
+            # where `SourceClass.from_pretrained` after `set_seed(seed)` starts, so the two can be compared.
+            if not item.how and tuple(item.tensor.shape) == tuple(ref.shape):
+                loaded[name] = item.tensor.detach().to(ref.dtype)
+                fresh.add(name)
             continue
         value = item.tensor.detach()
         source_shape = tuple(source_sd[item.sources[0]].shape)
@@ -648,10 +654,13 @@ def _apply_plan(
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, ref in target_sd.items():
         key = _alias_key(ref)
-        if name in loaded or key in loaded_aliases or key in seen:
+        if name not in fresh and (name in loaded or key in loaded_aliases or key in seen):
             continue
         seen.add(key)
-        report.new.append(TensorChange(name, tuple(ref.shape), _new_reason(name, config, plan, report.source_class)))
+        reason = _new_reason(name, config, plan, report.source_class)
+        if name in fresh:
+            reason += f" (takes {report.source_class}'s own fresh initialisation under the seed)"
+        report.new.append(TensorChange(name, tuple(ref.shape), reason))
 
     # Dropped: every source tensor (up to ties) that reached no target tensor.
     mapped_to = {s: t for t, item in plan.items.items() for s in item.sources}
@@ -772,7 +781,9 @@ def convert(
         verify: run source and converted model on a padded probe batch; the differences go to the report, and
             a conversion that promises an exact match (no function-changing override) raises
             `ConversionError` above 1e-4.
-        seed: seeds the fresh initialisation of new tensors, so conversions are reproducible.
+        seed: seeds the fresh initialisation of new tensors, so conversions are reproducible. A head the source
+            class itself initialises (e.g. BertForQuestionAnswering's on a bare encoder) is drawn by that class
+            under this seed and kept, so `set_seed(seed); SourceClass.from_pretrained(...)` starts identically.
         **config_overrides: `HfAttentionConfig` fields (`attention_type="sparse"`, `position_embedding_type=
             "alibi"`, ...); tensors that still apply are kept, the rest are initialised and reported.
 
@@ -790,7 +801,9 @@ def convert(
         location = location if location and os.path.isdir(location) else ""
     else:
         location = source_name = os.fspath(source)
-        model, loading = _load_source(location, task)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the source class's fresh head (if any) is drawn under the seed
+            model, loading = _load_source(location, task)
     family = _family(model.config.model_type)
     own_task = SOURCE_TASKS.get(type(model).__name__)
     if own_task is None:

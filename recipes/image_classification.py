@@ -111,7 +111,11 @@ def augment_batch(batch: dict[str, torch.Tensor], augment: str) -> dict[str, tor
     pad = max(size // 8, 1)
     padded = torch.nn.functional.pad(pixels, (pad, pad, pad, pad), mode="reflect")
     offsets = torch.randint(0, 2 * pad + 1, (pixels.shape[0], 2))
-    crops = torch.stack([padded[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(offsets.tolist())])
+    span = torch.arange(size)
+    rows = (offsets[:, 0, None] + span)[:, :, None]  # [B, size, 1]
+    cols = (offsets[:, 1, None] + span)[:, None, :]  # [B, 1, size]
+    batch_index = torch.arange(pixels.shape[0])[:, None, None]
+    crops = padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2).contiguous()
     if augment == "crop_flip":
         flip = torch.rand(pixels.shape[0]) < 0.5
         crops[flip] = crops[flip].flip(-1)

@@ -121,6 +121,35 @@ def test_minilm_task_heads_reproduce_transformers_logits(minilm, head_cls, targe
         assert model.config.num_labels == 3
 
 
+def test_minilm_qa_trains_like_bert_for_question_answering_from_the_same_seed(minilm):
+    """Same start and same dropout draws as transformers: a training step gives BERT's loss and gradients.
+
+    The checkpoint has no QA head; convert(seed=s) keeps the head BertForQuestionAnswering draws under s, and
+    our dropout sits where BERT's does (none inside the MLP), so one seed drives both runs identically.
+    """
+    path, _, _, pairs = minilm
+    transformers.set_seed(7)
+    source = transformers.BertForQuestionAnswering.from_pretrained(path).train()
+    model, report = convert(path, task="question-answering", seed=7)
+    model.train()
+    assert model.config.activation_dropout == 0.0 and model.config.hidden_dropout_prob == 0.1
+    assert report.new_names == {"qa_outputs.weight", "qa_outputs.bias"}
+    assert torch.equal(model.qa_outputs.weight, source.qa_outputs.weight)
+    labels = {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([2, 4])}
+    losses = []
+    for net in (source, model):
+        torch.manual_seed(123)  # same dropout masks if and only if the draws happen in the same order and shapes
+        loss = net(**pairs, **labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert abs(losses[0] - losses[1]) <= TOL, losses
+    eval_loss = source.eval()(**pairs, **labels).loss
+    assert abs(losses[0] - eval_loss) > 1e-3  # dropout really was active
+    grads = (source.bert.encoder.layer[0].intermediate.dense.weight.grad, model.model.layers[0].mlp.fc1.weight.grad)
+    assert max_diff(*grads) <= TOL
+    assert max_diff(source.qa_outputs.weight.grad, model.qa_outputs.weight.grad) <= TOL
+
+
 @torch.no_grad()
 def test_minilm_sparse_local_alibi_override_keeps_weights_and_drops_the_position_table(minilm):
     path, _, batch, _ = minilm
@@ -329,7 +358,7 @@ def test_a_head_missing_from_the_checkpoint_is_reported_new_and_the_encoder_stil
     assert type(model) is HfAttentionForQuestionAnswering
     assert report.new_names == {"qa_outputs.weight", "qa_outputs.bias"}
     assert all("not in the source checkpoint" in c.reason for c in report.new)
-    # transformers' random QA head is not carried over; the pooler the checkpoint has is reported, not silently lost
+    # transformers' seeded fresh QA head is reported new; the pooler the checkpoint has is reported, not silently lost
     assert report.dropped_names == {"pooler.dense.weight", "pooler.dense.bias"}
     assert report.exact_expected and set(report.max_abs_diff) == {"last_hidden_state"}
     assert report.max_abs_diff["last_hidden_state"] <= TOL

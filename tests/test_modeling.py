@@ -229,6 +229,7 @@ def test_question_answering_loss_ignores_out_of_range_positions():
         ({"sparse_window_size": 0}, "sparse_window_size=0 is not valid"),
         ({"hidden_size": 30, "num_attention_heads": 4}, "hidden_size=30 is not a multiple"),
         ({"attention_probs_dropout_prob": 1.5}, "attention_probs_dropout_prob=1.5"),
+        ({"activation_dropout": -0.1}, "activation_dropout=-0.1"),
     ],
 )
 def test_bad_config_values_raise_value_errors_naming_them(kwargs, message):

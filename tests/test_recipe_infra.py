@@ -233,7 +233,12 @@ def test_convert_from_a_transformers_checkpoint_on_the_fly(tmp_path):
     vit.save_pretrained(tmp_path / "vit")
     recipe = _import_recipe()
     out = tmp_path / "run"
-    results = recipe.main(BASE[:2] + ["--augment", "none", "--max_train_samples", "64", "--max_eval_samples", "20",
+    preset = tmp_path / "preset.yaml"  # a preset naming another model: --convert_from on the command line wins
+    preset.write_text("model_name_or_path: no/such-model\n")
+    assert recipe.parse_args(["--config", str(preset), "--model_name_or_path", "x", "--output_dir", "o"]
+                             ).model_name_or_path == "x"
+    results = recipe.main(BASE[:2] + ["--config", str(preset), "--augment", "none", "--max_train_samples", "64",
+                                      "--max_eval_samples", "20",
                                       "--max_train_steps", "2", "--convert_from", str(tmp_path / "vit"),
                                       "--attention_type", "sparse", "--position_embedding_type", "alibi",
                                       "--output_dir", str(out)])
@@ -241,3 +246,20 @@ def test_convert_from_a_transformers_checkpoint_on_the_fly(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "hf_attention" and config["attention_type"] == "sparse"
     assert config["position_embedding_type"] == "alibi" and results["train_steps"] == 2
+
+
+def test_augmentation_crops_the_reflect_padded_image_and_flips_half():
+    recipe = _import_recipe()
+    images = torch.randn(32, 3, 16, 16)
+    torch.manual_seed(0)
+    got = recipe.augment_batch({"pixel_values": images, "labels": torch.zeros(32)}, "crop_flip")["pixel_values"]
+    torch.manual_seed(0)  # the definition, one image at a time: same draws, slicing by hand
+    pad = 2
+    padded = torch.nn.functional.pad(images, (pad,) * 4, mode="reflect")
+    offsets = torch.randint(0, 2 * pad + 1, (32, 2))
+    expected = torch.stack([padded[i, :, y:y + 16, x:x + 16] for i, (y, x) in enumerate(offsets.tolist())])
+    flip = torch.rand(32) < 0.5
+    expected[flip] = expected[flip].flip(-1)
+    assert 0 < int(flip.sum()) < 32 and len(set(map(tuple, offsets.tolist()))) > 1
+    assert torch.equal(got, expected)
+    assert recipe.augment_batch({"pixel_values": images}, "none")["pixel_values"] is images

