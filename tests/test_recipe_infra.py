@@ -263,3 +263,13 @@ def test_augmentation_crops_the_reflect_padded_image_and_flips_half():
     assert 0 < int(flip.sum()) < 32 and len(set(map(tuple, offsets.tolist()))) > 1
     assert torch.equal(got, expected)
     assert recipe.augment_batch({"pixel_values": images}, "none")["pixel_values"] is images
+
+
+@pytest.mark.parametrize("preset", ["image_classification_digits.yaml", "image_classification_quick.yaml",
+                                    "image_classification_full.yaml"])
+def test_image_presets_parse_and_point_at_the_shared_data(preset, tmp_path):
+    recipe = _import_recipe()
+    args = recipe.parse_args(["--config", str(REPO / "configs" / "recipes" / preset), "--output_dir", str(tmp_path)])
+    assert args.image_size % args.patch_size == 0 and args.hidden_size % args.num_attention_heads == 0
+    if args.train_file:  # Fashion-MNIST presets read ../shared/data, relative to the repository root
+        assert (REPO / args.train_file).exists() or not (REPO.parent / "shared").exists()
