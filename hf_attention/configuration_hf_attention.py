@@ -72,7 +72,7 @@ class HfAttentionConfig(PreTrainedConfig):
     """
 
     model_type = "hf_attention"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # 5.24+ name, older name
 
     vocab_size: int = 30522
     hidden_size: int = 256

@@ -36,6 +36,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention_additive import additive_attention
 from .attention_sparse import SparsePattern, flex_sparse_attention, make_sparse_pattern, sparse_attention
+from .cache_names import cache_field, output_cache, resolve_cache
 from .configuration_hf_attention import HfAttentionConfig
 from .positions_hf_attention import (
     LearnedPositionalEmbedding,
@@ -189,20 +190,18 @@ class HfAttentionAttention(nn.Module):
         hidden_states: torch.Tensor,
         inputs: AttentionInputs,
         key_value_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, q_len, _ = hidden_states.shape
         query = self._shape(self.q_proj(hidden_states))
 
-        cache = past_key_values
+        full_cache = cache
         if isinstance(cache, EncoderDecoderCache):
             cache = cache.cross_attention_cache if self.is_cross_attention else cache.self_attention_cache
         if self.is_cross_attention:
-            is_updated = (
-                isinstance(past_key_values, EncoderDecoderCache) and past_key_values.is_updated.get(self.layer_idx)
-            )
+            is_updated = isinstance(full_cache, EncoderDecoderCache) and full_cache.is_updated.get(self.layer_idx)
             if cache is not None and is_updated:
                 key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
             else:
@@ -210,7 +209,7 @@ class HfAttentionAttention(nn.Module):
                 value = self._shape(self.v_proj(key_value_states))
                 if cache is not None:
                     key, value = cache.update(key, value, self.layer_idx)
-                    past_key_values.is_updated[self.layer_idx] = True
+                    full_cache.is_updated[self.layer_idx] = True
         else:
             key = self._shape(self.k_proj(hidden_states))
             value = self._shape(self.v_proj(hidden_states))
@@ -325,20 +324,20 @@ class HfAttentionLayer(GradientCheckpointingLayer):
         inputs: AttentionInputs,
         encoder_hidden_states: torch.Tensor | None = None,
         cross_inputs: AttentionInputs | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
         **kwargs,
     ) -> torch.Tensor:
         hidden_states = self._residual(
             hidden_states, self.self_attn_layer_norm,
-            lambda x: self.self_attn(x, inputs, past_key_values=past_key_values,
+            lambda x: self.self_attn(x, inputs, cache=cache,
                                      output_attentions=output_attentions)[0],
         )
         if self.encoder_attn is not None and encoder_hidden_states is not None:
             hidden_states = self._residual(
                 hidden_states, self.encoder_attn_layer_norm,
                 lambda x: self.encoder_attn(x, cross_inputs, key_value_states=encoder_hidden_states,
-                                            past_key_values=past_key_values,
+                                            cache=cache,
                                             output_attentions=output_attentions)[0],
             )
         return self._residual(hidden_states, self.final_layer_norm, self.mlp)
@@ -781,9 +780,10 @@ class HfAttentionDecoder(HfAttentionStackMixin, HfAttentionPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,  # the name before transformers 5.24
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
@@ -794,13 +794,14 @@ class HfAttentionDecoder(HfAttentionStackMixin, HfAttentionPreTrainedModel):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, seq_len = reference.shape[:2]
-        if use_cache and past_key_values is None:
-            past_key_values = (
+        cache = resolve_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = (
                 EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
                 if self.add_cross_attention
                 else DynamicCache(config=self.config)
             )
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         position_ids = _expand_positions(position_ids, seq_len, past_length, reference.device)
         hidden_states = self.embeddings(input_ids, position_ids, None, inputs_embeds)
         inputs = self._attention_inputs(
@@ -819,12 +820,12 @@ class HfAttentionDecoder(HfAttentionStackMixin, HfAttentionPreTrainedModel):
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states, inputs, encoder_hidden_states, cross_inputs=cross_inputs,
-                past_key_values=past_key_values, output_attentions=output_attentions,
+                cache=cache, output_attentions=output_attentions,
             )
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+            last_hidden_state=hidden_states, **cache_field(cache if use_cache else None)
         )
 
 
@@ -877,10 +878,11 @@ class HfAttentionEncoderDecoderModel(HfAttentionPreTrainedModel):
         decoder_attention_mask: torch.Tensor | None = None,
         decoder_position_ids: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,  # the name before transformers 5.24
         **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqModelOutput:
         if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -906,7 +908,7 @@ class HfAttentionEncoderDecoderModel(HfAttentionPreTrainedModel):
             position_ids=decoder_position_ids,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
             return_dict=True,
@@ -914,7 +916,7 @@ class HfAttentionEncoderDecoderModel(HfAttentionPreTrainedModel):
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
+            **cache_field(output_cache(decoder_outputs)),
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,
@@ -956,11 +958,12 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
         decoder_attention_mask: torch.Tensor | None = None,
         decoder_position_ids: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,  # the name before transformers 5.24
         **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqLMOutput:
         r"""
@@ -976,7 +979,7 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
         outputs = self.model(
             input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask, decoder_position_ids=decoder_position_ids,
-            encoder_outputs=encoder_outputs, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            encoder_outputs=encoder_outputs, cache=resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)
@@ -986,7 +989,7 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_field(output_cache(outputs)),
             decoder_hidden_states=outputs.decoder_hidden_states,
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,
@@ -1019,11 +1022,12 @@ class HfAttentionForCausalLM(HfAttentionPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,  # the name before transformers 5.24
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""
@@ -1031,8 +1035,9 @@ class HfAttentionForCausalLM(HfAttentionPreTrainedModel, GenerationMixin):
             Usually `input_ids`; shifted inside the loss (next-token prediction), -100 ignored.
         """
         outputs = self.model(
-            input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs,
+            input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
+            return_dict=True, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -1044,7 +1049,7 @@ class HfAttentionForCausalLM(HfAttentionPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            loss=loss, logits=logits, **cache_field(output_cache(outputs)),
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
 
 from hf_attention import HfAttentionConfig, HfAttentionForCausalLM, HfAttentionForConditionalGeneration
+from hf_attention.cache_names import output_cache
 from hf_attention.modeling_hf_attention import shift_tokens_right
 from hf_attention.variants import iter_variants, variant_name
 
@@ -68,8 +69,8 @@ def test_incremental_decode_equals_full_forward(variant):
     past, steps = None, []
     for t in range(target.shape[1]):
         out = model(attention_mask=mask, encoder_outputs=encoder_outputs, decoder_input_ids=target[:, t : t + 1],
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+                    cache=past, use_cache=True)
+        past = output_cache(out)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
 
@@ -81,14 +82,27 @@ def test_incremental_decode_equals_full_forward(variant):
     prefix = ids.shape[1]
     out = lm(seq[:, :prefix], attention_mask=seq_mask[:, :prefix], position_ids=positions[:, :prefix],
              use_cache=True)
-    past, steps = out.past_key_values, [out.logits]
+    past, steps = output_cache(out), [out.logits]
     for t in range(prefix, seq.shape[1]):
         out = lm(seq[:, t : t + 1], attention_mask=seq_mask[:, : t + 1], position_ids=positions[:, t : t + 1],
-                 past_key_values=past, use_cache=True)
-        past = out.past_key_values
+                 cache=past, use_cache=True)
+        past = output_cache(out)
         steps.append(out.logits)
     real = seq_mask.bool()
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-4)
+
+
+def test_cache_is_accepted_under_its_pre_5_24_name_too():
+    """transformers 5.24 renamed `past_key_values` to `cache`; code written for either name must decode the same."""
+    lm = build(HfAttentionForCausalLM, position_embedding_type="alibi")
+    ids = torch.randint(3, 40, (2, 6))
+    full = lm(ids).logits
+    first = lm(ids[:, :5], use_cache=True)
+    old_name = lm(ids[:, 5:], past_key_values=output_cache(first), use_cache=True).logits
+    torch.testing.assert_close(old_name[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
+    first, second = lm(ids[:, :5], use_cache=True), lm(ids[:, :5], use_cache=True)
+    with pytest.raises(ValueError, match="not both"):
+        lm(ids[:, 5:], cache=output_cache(first), past_key_values=output_cache(second), use_cache=True)
 
 
 def test_seq2seq_loss_is_bart_style():
