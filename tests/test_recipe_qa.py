@@ -186,7 +186,7 @@ def test_two_processes_evaluate_every_question_once(recipe, fresh_run, squad_fil
 
 
 def test_two_process_training_shares_one_trained_tokenizer(recipe, squad_file, tmp_path):
-    """DDP training on 2 CPU processes: rank 1 must use rank 0's tokenizer (training one is not deterministic)."""
+    """DDP on 2 CPU processes: rank 1 uses the tokenizer rank 0 trained and saved (one training, one vocabulary)."""
     from accelerate import debug_launcher
     from accelerate.state import AcceleratorState
 

@@ -54,15 +54,36 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A BERT-style WordPiece tokenizer (lowercase, [CLS] a [SEP] b [SEP]) trained on the given text."""
+    """A BERT-style WordPiece tokenizer (lowercase, [CLS] a [SEP] b [SEP]) trained on the given text, the same
+    vocabulary in every process.
+
+    tokenizers' trainer numbers the ``##`` continuation tokens in hash-map order, which changes per process, and
+    breaks ties between equally frequent merges by those numbers (huggingface/tokenizers#1794): the same text
+    gave a different vocabulary on every run, so two cells of an ablation compared different tokenizations.
+    Registering every ``##c`` up front, in sorted order, as trainer special tokens fixes their ids (and so the
+    tie-breaks); they are then demoted to ordinary vocabulary entries.
+    """
+    import json
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+    texts = list(texts)
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()))
+    continuations = set()
+    for text in texts:
+        for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text)):
+            continuations.update(word[1:])
+    specials = list(SPECIAL_TOKENS.values())
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=specials + ["##" + c for c in sorted(continuations)]
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    state = json.loads(tokenizer.to_str())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] in specials]
+    tokenizer = Tokenizer.from_str(json.dumps(state))
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -85,8 +106,9 @@ def shared_tokenizer(args: argparse.Namespace, has_train: bool, texts: Callable[
                      how_to_train: str) -> PreTrainedTokenizerFast:
     """The named tokenizer, or one trained on the training text by the main process and loaded by the others.
 
-    WordPiece training is not deterministic across processes, so every rank must share one vocabulary; a resumed
-    run reuses the one saved in --output_dir.
+    Training happens once, on the main process, and the other ranks load its files (WordPiece training is now
+    deterministic, but it is slow on large text and need not run on every rank); a resumed run reuses the one
+    saved in --output_dir.
     """
     name = args.tokenizer_name or args.model_name_or_path
     if name:
