@@ -14,7 +14,11 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configuration_hf_attention import HfAttentionConfig
+from .configuration_hf_attention import ConfigFieldError, HfAttentionConfig
+
+# The function shadows its module as a package attribute (`hf_attention.convert` is the function); the module
+# stays importable by name: `from hf_attention.convert import ConversionReport, main`.
+from .convert import convert
 from .integration import use_variant  # registers the hf_attention_* attn_implementations
 from .modeling_hf_attention import (
     HfAttentionDecoder,
@@ -68,4 +72,6 @@ __all__ = [
     "HfAttentionForImageClassification",
     "make_image_processor",
     "use_variant",
+    "convert",
+    "ConfigFieldError",
 ]

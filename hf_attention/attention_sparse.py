@@ -80,6 +80,11 @@ def _cached(key: Any, build: Callable[[], Any]) -> Any:
     return value
 
 
+def _positions_length(pattern: SparsePattern, positions: torch.Tensor) -> int:
+    """The sequence length that position ids span (picks length-dependent tables; one host sync)."""
+    return int(pattern.pattern_index(positions).max().clamp(min=0)) + 1 if positions.numel() else 1
+
+
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -128,6 +133,30 @@ class SparsePattern:
     ) -> torch.Tensor:
         """The part of ``allowed`` the blocked kernel covers by gathering key blocks (default: all)."""
         return self.allowed(q_idx, kv_idx, causal, seq_len=seq_len)
+
+    # -- positions ------------------------------------------------------------------------------
+    #: ``allowed`` depends on ``q_idx - kv_idx`` only: slots then give the pattern of positions whenever
+    #: the two differ by one constant per sequence (left padding), and the blocked kernel keeps its layout.
+    shift_invariant: ClassVar[bool] = False
+
+    def pattern_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position ids -> the sequence indices ``allowed`` is defined on (1-D patterns: the positions)."""
+        return positions
+
+    def position_mask_fn(self, causal: bool, seq_len: int, device: Any = None) -> Callable[..., torch.Tensor]:
+        """``(q_pos, k_pos) -> bool`` on position ids, tables bound now (FlexAttention mask_mod body)."""
+        allowed = self.mask_fn(causal, seq_len, device)
+        return lambda q_pos, k_pos: allowed(self.pattern_index(q_pos), self.pattern_index(k_pos))
+
+    def position_mask(self, q_positions: torch.Tensor, k_positions: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Bool [B', Lq, Lk] from position ids [B' or 1, L]: the pattern of the tokens, wherever their slots are.
+
+        Padding therefore cannot move blocks or make pad tokens global; causality here is on positions
+        (callers add their own slot causality).
+        """
+        q_positions, k_positions = q_positions.long(), k_positions.long()
+        allowed = self.position_mask_fn(causal, _positions_length(self, k_positions), k_positions.device)
+        return allowed(q_positions[:, :, None], k_positions[:, None, :])
 
     # -- hints for the blocked kernel -----------------------------------------------------------
     residue_stride: ClassVar[int | None] = None
@@ -179,6 +208,7 @@ class LocalPattern(SparsePattern):
     """Sliding window: bidirectional ``|i - j| <= w // 2``; causal ``0 <= i - j < w``."""
 
     name: ClassVar[str] = "local"
+    shift_invariant: ClassVar[bool] = True
     window_size: int = 128
 
     def __post_init__(self) -> None:
@@ -213,6 +243,7 @@ class StridedPattern(SparsePattern):
     """
 
     name: ClassVar[str] = "strided"
+    shift_invariant: ClassVar[bool] = True
     stride: int = 64
 
     def __post_init__(self) -> None:
@@ -254,7 +285,9 @@ class BlockPattern(SparsePattern):
     ``range(capacity)`` with ``capacity = max(ceil(max_positions / b), blocks in the sequence)``: they
     depend on neither the batch nor the padded length, so padding and reloading give identical
     outputs. Blocks already covered (the neighbours, blocks made only of global tokens) are not drawn;
-    a drawn block past the sequence end covers nothing.
+    a drawn block past the sequence end covers nothing. Indices are positions (``position_mask``, the
+    kernels' ``pattern_positions``): the global tokens are positions ``0 .. g - 1``, never padding.
+    (Past ``max_positions`` the capacity, hence the draws, follow the longest sequence of the batch.)
     """
 
     name: ClassVar[str] = "block"
@@ -323,13 +356,13 @@ class BlockPattern(SparsePattern):
     def _allowed(self, q_idx, kv_idx, causal: bool, table: torch.Tensor | None) -> torch.Tensor:
         b, g = self.block_size, self.num_global_tokens
         qb, kb = q_idx // b, kv_idx // b
-        out = ((qb - kb).abs() <= 1) | (q_idx < g) | (kv_idx < g)
+        out = ((qb - kb).abs() <= 1) | ((q_idx >= 0) & (q_idx < g)) | ((kv_idx >= 0) & (kv_idx < g))
         if table is not None:
-            row = qb.clamp(max=table.shape[0] - 1)
+            row = qb.clamp(0, table.shape[0] - 1)  # negative positions (padding before a cache) read no row
             hit = table[row, 0] == kb
             for t in range(1, self.num_random_blocks):
                 hit = hit | (table[row, t] == kb)
-            out = out | (hit & (qb < table.shape[0]))
+            out = out | (hit & (qb >= 0) & (qb < table.shape[0]))
         return out & (kv_idx <= q_idx) if causal else out
 
     def dense_queries(self, seq_len: int) -> int:
@@ -583,6 +616,7 @@ def sparse_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     training: bool = False,
+    pattern_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention over ``pattern``; q/k/v ``[B, H, L, D]`` -> out ``[B, L, H, D]``.
 
@@ -591,6 +625,12 @@ def sparse_attention(
     cost is O(L * keys-per-query). Plain autograd: trains on any device, including CPU. Works on the
     [B, L, H, D] memory layout that transformers' projections produce, so the usual
     ``view(B, L, H, D).transpose(1, 2)`` inputs are read without an extra copy.
+
+    ``pattern_positions`` ([B or 1, L] position ids) puts the pattern on the tokens' positions instead
+    of their slots (``pattern.position_mask``, plus slot causality), so padding moves nothing. Where
+    the real tokens' positions are their slots (or, for a shift-invariant pattern, slots plus one
+    constant per row) the blocked layout is used unchanged; otherwise (e.g. a block pattern with left
+    padding) the pattern is evaluated densely on the positions.
     """
     if query.dim() != 4 or key.shape[:3] != query.shape[:3] or value.shape[:3] != query.shape[:3]:
         raise ValueError(
@@ -610,6 +650,19 @@ def sparse_attention(
         if positions.dim() != 2 or positions.shape[1] != seq_len:
             raise ValueError(f"positions must be [B, L] or [1, L], L={seq_len}, got {tuple(positions.shape)}")
 
+    if pattern_positions is not None:
+        pattern_positions = pattern_positions.to(device=query.device, dtype=torch.long)
+        if pattern_positions.dim() != 2 or pattern_positions.shape[1] != seq_len:
+            raise ValueError(
+                f"pattern_positions must be [B, L] or [1, L], L={seq_len}, got {tuple(pattern_positions.shape)}"
+            )
+        if not _slots_are_positions(pattern, pattern_positions, pad):
+            out = _dense_attention(
+                query, key, value, pattern, causal, pad, bias_fn, positions, scaling, dropout,
+                pattern_positions=pattern_positions,
+            )
+            return out.transpose(1, 2)
+
     layout = None if seq_len <= DENSE_FALLBACK_MAX_LEN else _layout(pattern, seq_len, causal, query.device)
     if layout is None or layout.density >= DENSE_FALLBACK_DENSITY:
         out = _dense_attention(query, key, value, pattern, causal, pad, bias_fn, positions, scaling, dropout)
@@ -623,15 +676,41 @@ def sparse_attention(
     return out
 
 
+def _slots_are_positions(pattern: SparsePattern, pattern_positions: torch.Tensor, pad: torch.Tensor | None) -> bool:
+    """Whether the slot pattern equals the position pattern on every real token (one host sync).
+
+    True when the real tokens' pattern indices are their slots, or, for shift-invariant patterns, their
+    slots plus one constant per sequence (one contiguous run of positions, as with left padding).
+    """
+    idx = pattern.pattern_index(pattern_positions)
+    offset = idx - torch.arange(idx.shape[1], device=idx.device)
+    real = torch.ones_like(offset, dtype=torch.bool) if pad is None else pad
+    offset, real = torch.broadcast_tensors(offset, real)
+    if pattern.shift_invariant:
+        first = real.to(torch.int8).argmax(dim=1, keepdim=True)  # first real token of each row
+        expected = offset.gather(1, first)
+    else:
+        expected = torch.zeros_like(offset[:, :1])
+    return bool(((offset == expected) | ~real).all())
+
+
 def _dense_attention(
-    query, key, value, pattern: SparsePattern, causal, pad, bias_fn, positions, scaling, dropout, rows=None
+    query, key, value, pattern: SparsePattern, causal, pad, bias_fn, positions, scaling, dropout, rows=None,
+    pattern_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense SDPA under the pattern's boolean mask (short sequences, global query rows); [B, H, rows, D]."""
+    """Dense SDPA under the pattern's boolean mask (short sequences, global query rows); [B, H, rows, D].
+
+    With ``pattern_positions`` the mask is the pattern of those positions (and slot causality).
+    """
     seq_len = key.shape[2]
     rows = seq_len if rows is None else rows
     q_idx = torch.arange(rows, device=query.device)[:, None]
     kv_idx = torch.arange(seq_len, device=query.device)[None, :]
-    mask = _cached_dense_mask(pattern, rows, seq_len, causal, query.device)
+    if pattern_positions is None:
+        mask = _cached_dense_mask(pattern, rows, seq_len, causal, query.device)
+    else:
+        mask = pattern.position_mask(pattern_positions[:, :rows], pattern_positions, causal)
+        mask = mask & (kv_idx <= q_idx) if causal else mask
     mask = _padding_rule(pad, mask, q_idx == kv_idx, kv_idx).view(-1, 1, rows, seq_len)  # 4-D: else math SDPA
     bias = None if bias_fn is None else _bias(bias_fn, positions, q_idx, kv_idx)
     attn_mask = _attn_mask(mask, bias, query.dtype)
@@ -742,29 +821,57 @@ def flex_block_mask(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     device: Any = None,
+    pattern_positions: torch.Tensor | None = None,
 ):
-    """BlockMask for ``pattern`` (+ padding, keeping each query's own key); cached without padding."""
+    """BlockMask for ``pattern`` (+ padding, keeping each query's own key); cached without padding.
+
+    ``pattern_positions`` ([B or 1, L]) puts the pattern on positions as in ``sparse_attention``; the
+    slot mask (cached) is kept where it is the same.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
     device = torch.device(device) if device is not None else torch.device("cpu")
-    allowed = pattern.mask_fn(causal, seq_len, device)  # tables bound here, outside the traced mask_mod
     # On CUDA, compiling the mask evaluation avoids materialising L x L booleans at long lengths.
     compile_mask = device.type == "cuda"
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return allowed(q_idx, kv_idx)
 
     def build(mod, batch):
         return create_block_mask(mod, batch, None, seq_len, seq_len, device, _compile=compile_mask)
 
-    if key_padding_mask is None:
+    pad = None if key_padding_mask is None else key_padding_mask.to(device=device, dtype=torch.bool)
+    if pattern_positions is not None:
+        pattern_positions = pattern_positions.to(device=device, dtype=torch.long)
+        if not _slots_are_positions(pattern, pattern_positions, pad):
+            return _flex_position_block_mask(pattern, pattern_positions, causal, pad, build)
+
+    allowed = pattern.mask_fn(causal, seq_len, device)  # tables bound here, outside the traced mask_mod
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(q_idx, kv_idx)
+
+    if pad is None:
         return _cached((pattern, "flex", seq_len, bool(causal), str(device)), lambda: build(mask_mod, None))
-    pad = key_padding_mask.to(device=device, dtype=torch.bool)
 
     def padded_mask_mod(b, h, q_idx, kv_idx):
         return allowed(q_idx, kv_idx) & (pad[b, kv_idx] | (q_idx == kv_idx))
 
     return build(padded_mask_mod, pad.shape[0])
+
+
+def _flex_position_block_mask(pattern: SparsePattern, pattern_positions, causal: bool, pad, build):
+    """BlockMask of the pattern evaluated on each row's positions (+ slot causality and padding)."""
+    batch = max(pattern_positions.shape[0], pad.shape[0] if pad is not None else 1)
+    pos = pattern_positions.expand(batch, -1)
+    allowed = pattern.position_mask_fn(causal, _positions_length(pattern, pos), pos.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = allowed(pos[b, q_idx], pos[b, kv_idx])
+        if causal:
+            ok = ok & (kv_idx <= q_idx)
+        if pad is not None:
+            ok = ok & (pad[b, kv_idx] | (q_idx == kv_idx))
+        return ok
+
+    return build(mask_mod, batch)
 
 
 def flex_sparse_attention(
@@ -777,8 +884,9 @@ def flex_sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     bias_fn_mod: Callable[..., torch.Tensor] | None = None,
     scaling: float | None = None,
+    pattern_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Compiled FlexAttention with the pattern's BlockMask; out ``[B, L, H, D]``.
+    """Compiled FlexAttention with the pattern's BlockMask (on ``pattern_positions`` if given); out ``[B, L, H, D]``.
 
     The sparse training kernel on CUDA; on CPU (torch 2.13) forward only, FlexAttention has no CPU
     backward. ``bias_fn_mod`` is a FlexAttention ``score_mod`` ``(score, b, h, q_idx, kv_idx) -> score``.
@@ -786,7 +894,8 @@ def flex_sparse_attention(
     ``recompile_limit`` (8 per process for flex_attention) bounds how many one process can mix.
     """
     block_mask = flex_block_mask(
-        pattern, query.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=query.device
+        pattern, query.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=query.device,
+        pattern_positions=pattern_positions,
     )
     out = _flex_kernel()(query, key, value, score_mod=bias_fn_mod, block_mask=block_mask, scale=scaling)
     return out.transpose(1, 2)

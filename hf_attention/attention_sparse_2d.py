@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .attention_sparse import SparsePattern
+from .positions_2d_hf_attention import decode_positions
 
 __all__ = ["GridBlockPattern", "GridLocalPattern", "GridPattern", "GridStridedPattern", "make_grid_pattern"]
 
@@ -79,6 +80,34 @@ class GridPattern(SparsePattern):
         patch = idx - self.num_prefix_tokens
         row = torch.div(patch, self.grid_width, rounding_mode="floor")
         return row, patch - row * self.grid_width
+
+    def pattern_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """2-D position ids (``grid_position_ids``) -> raster indices (prefix tokens share index 0).
+
+        Equal to the slots exactly when the tokens sit in raster order, which is when the blocked kernel
+        may use its slot layout.
+        """
+        is_prefix, row, col = decode_positions(positions)
+        return torch.where(is_prefix, 0, self.num_prefix_tokens + row * self.grid_width + col)
+
+    def _grid_rule(self, device: Any = None) -> Callable[..., torch.Tensor]:
+        """``grid_allowed`` with any tables bound now."""
+        return self.grid_allowed
+
+    def position_mask_fn(self, causal: bool, seq_len: int, device: Any = None) -> Callable[..., torch.Tensor]:
+        """The rule on the patches' decoded (row, col): a translated grid keeps its local/strided pattern."""
+        rule = self._grid_rule(device)
+        g = self.num_global()
+
+        def allowed(q_pos, k_pos):
+            q_prefix, qr, qc = decode_positions(q_pos)
+            k_prefix, kr, kc = decode_positions(k_pos)
+            q_idx, k_idx = self.pattern_index(q_pos), self.pattern_index(k_pos)
+            out = (q_prefix | k_prefix).logical_not() & rule(qr, qc, kr, kc)
+            out = out | ((q_idx >= 0) & (q_idx < g)) | ((k_idx >= 0) & (k_idx < g)) | (q_pos == k_pos)
+            return out & (k_pos <= q_pos) if causal else out
+
+        return allowed
 
     def num_global(self) -> int:
         return self.num_prefix_tokens
@@ -210,6 +239,10 @@ class GridBlockPattern(GridPattern):
     def grid_allowed(self, qr, qc, kr, kc):
         table = self.random_tiles(qr.device) if self.num_random_blocks else None
         return self._grid_allowed(qr, qc, kr, kc, table)
+
+    def _grid_rule(self, device: Any = None) -> Callable[..., torch.Tensor]:
+        table = self.random_tiles(device) if self.num_random_blocks else None
+        return lambda qr, qc, kr, kc: self._grid_allowed(qr, qc, kr, kc, table)
 
     def mask_fn(self, causal: bool, seq_len: int, device: Any = None) -> Callable[..., torch.Tensor]:
         """Binds the random table now, outside a traced FlexAttention mask_mod."""

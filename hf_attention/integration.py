@@ -37,7 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 from transformers.utils import logging
 
-from .attention_sparse import LocalPattern, SparsePattern, StridedPattern, make_sparse_pattern, sparse_attention
+from .attention_sparse import SparsePattern, make_sparse_pattern, sparse_attention
 from .positions_hf_attention import AlibiBias
 
 __all__ = [
@@ -67,10 +67,6 @@ SPARSE_DEFAULTS: dict[str, Any] = {
 }
 _DEFAULT_MAX_POSITIONS = 4096
 logger = logging.get_logger(__name__)
-
-# Patterns that depend only on i - j: slot indices give the real distances whenever the real tokens are one
-# contiguous run (left or right padding), so the blocked kernel can work in slot space.
-_SHIFT_INVARIANT = (LocalPattern, StridedPattern)
 
 # Variants that need trained weights transformers' models do not have: named in a clear error.
 _NEEDS_PARAMETERS = {
@@ -192,7 +188,8 @@ def _blocked_padding(
     edges = F.pad(keys.to(torch.int8), (1, 1)).diff(dim=-1)
     contiguous = bool(((edges == 1).sum(-1) <= 1).all())
     from_start = bool((keys[:, :1] | ~keys.any(-1, keepdim=True)).all())
-    usable = contiguous and (from_start or isinstance(pattern, _SHIFT_INVARIANT))
+    # patterns of i - j only (``shift_invariant``): slot distances are the real distances for any one run
+    usable = contiguous and (from_start or pattern.shift_invariant)
     return usable, keys
 
 

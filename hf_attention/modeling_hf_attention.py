@@ -5,6 +5,8 @@ rotary q/k or score bias, sparse pattern, scoring, kernel -> residual -> norm ->
 The scoring algorithm is `config.attention_type`; the kernel is `config._attn_implementation`.
 """
 
+import dataclasses
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.core_model_loading import WeightRenaming
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -30,7 +33,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -89,6 +92,10 @@ class AttentionInputs:
     rotary_keys: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for the new keys (same as queries)
     bias_module: nn.Module | None = None
     pattern: SparsePattern | None = None
+    # False under gradient checkpointing: each layer then computes the score bias inside its checkpointed
+    # region, so the recomputation matches and the bias parameters get their gradient (one shared tensor,
+    # built in the first layer's region, would be a stale no-grad copy or a recompute mismatch).
+    share_bias: bool = True
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -106,14 +113,15 @@ class AttentionInputs:
         mask = None
         q_idx = torch.arange(self.q_len, device=device) + self.q_offset
         k_idx = torch.arange(self.k_len, device=device)
+        causal = q_idx[:, None] >= k_idx[None, :]
         if self.pattern is not None:
-            mask = self.pattern.dense_mask(
-                self.q_len, self.k_len, q_offset=self.q_offset, causal=self.causal, device=device
-            )
+            # On positions, not slots: padding cannot move blocks or make pad tokens global.
+            mask = self.pattern.position_mask(
+                self.q_positions.to(device), self.k_positions.to(device), self.causal
+            )[:, None]
+            mask = mask & causal if self.causal else mask
         elif self.causal and (self.q_len > 1 or self.q_offset + 1 != self.k_len):
-            mask = q_idx[:, None] >= k_idx[None, :]
-        if mask is not None:
-            mask = mask[None, None]
+            mask = causal[None, None]
         if self.key_padding_mask is not None:
             pad = self.key_padding_mask[:, None, None, :].to(device=device, dtype=torch.bool)
             mask = pad if mask is None else mask & pad
@@ -140,10 +148,12 @@ class AttentionInputs:
         if self.bias_module is None:
             return None
         key = ("bias", dtype)
-        if key not in self._cache:
-            bias = self.bias_module(self.relative_positions())  # [H, B, Lq, Lk]
-            self._cache[key] = bias.permute(1, 0, 2, 3).to(dtype)
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        bias = self.bias_module(self.relative_positions()).permute(1, 0, 2, 3).to(dtype)  # [B|1, H, Lq, Lk]
+        if self.share_bias:
+            self._cache[key] = bias
+        return bias
 
     def bias_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return None if self.bias_module is None else self.bias_module
@@ -236,13 +246,14 @@ class HfAttentionAttention(nn.Module):
                 out = flex_sparse_attention(
                     query, key, value, inputs.pattern, causal=inputs.causal,
                     key_padding_mask=inputs.key_padding_mask, bias_fn_mod=self._flex_bias_mod(inputs),
-                    scaling=self.scaling,
+                    scaling=self.scaling, pattern_positions=inputs.q_positions,
                 )
             else:
                 out = sparse_attention(
                     query, key, value, inputs.pattern, causal=inputs.causal,
                     key_padding_mask=inputs.key_padding_mask, bias_fn=inputs.bias_fn(),
                     positions=inputs.q_positions, scaling=self.scaling, dropout=dropout, training=self.training,
+                    pattern_positions=inputs.q_positions,
                 )
         else:
             if output_attentions:
@@ -343,6 +354,82 @@ class HfAttentionLayer(GradientCheckpointingLayer):
         return self._residual(hidden_states, self.final_layer_norm, self.mlp)
 
 
+logger = logging.get_logger(__name__)
+
+# One model_type serves four stacks; a checkpoint's saved `architectures` tells which one wrote it.
+FAMILIES = {
+    "encoder": ("HfAttentionModel", "HfAttentionForMaskedLM", "HfAttentionForSequenceClassification",
+                "HfAttentionForQuestionAnswering"),
+    "decoder": ("HfAttentionDecoder", "HfAttentionForCausalLM"),
+    "seq2seq": ("HfAttentionEncoderDecoderModel", "HfAttentionForConditionalGeneration"),
+    "vision": ("HfAttentionVisionModel", "HfAttentionForImageClassification"),
+}
+_FAMILY_OF = {name: family for family, names in FAMILIES.items() for name in names}
+_FAMILY_TEXT = {"encoder": "a text encoder", "decoder": "a decoder-only language model",
+                "seq2seq": "an encoder-decoder", "vision": "a vision encoder"}
+
+
+def model_family(cls: type) -> str | None:
+    """The stack a class (or a subclass of ours) is built on."""
+    return next((_FAMILY_OF[k.__name__] for k in cls.__mro__ if k.__name__ in _FAMILY_OF), None)
+
+
+def _checkpoint_family(config, keys: set[str] | None) -> tuple[str | None, str | None]:
+    """(family, class name) of the class that saved a checkpoint: its `architectures`, else its key layout."""
+    for name in getattr(config, "architectures", None) or ():
+        if name in _FAMILY_OF:
+            return _FAMILY_OF[name], name
+    if keys:
+        if any(re.match(r"(model\.)?(shared\.weight$|encoder\.|decoder\.)", key) for key in keys):
+            return "seq2seq", None
+        if any("patch_embeddings." in key for key in keys):
+            return "vision", None
+    return None, None
+
+
+def _checkpoint_keys(state_dict: dict | None, checkpoint_files: list[str] | None) -> set[str] | None:
+    if state_dict is not None:
+        return set(state_dict)
+    if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
+        return None
+    from safetensors import safe_open
+
+    keys = set()
+    for file in checkpoint_files:
+        with safe_open(file, "pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def cross_family_renamings(source: str, source_class: str | None, target: str) -> list[tuple[str, str]]:
+    """Checkpoint-key renamings that carry one family's weights into another's stack (transformers then adds or
+    strips `base_model_prefix` as between BART heads). Empty when nothing applies.
+
+    - encoder-decoder -> encoder / decoder family: that side's stack, `shared` as its token table (the other
+      side and the LM head are unused, as BartForCausalLM uses BART's decoder);
+    - encoder / decoder family -> encoder-decoder: that side (warm start; the other side is initialised).
+    """
+    if source == "seq2seq" and target in ("encoder", "decoder"):
+        return [(rf"^(?:model\.)?{target}\.(.+)$", r"\1"),
+                (r"^(?:model\.)?shared\.weight$", "embeddings.word_embeddings.weight")]
+    if source in ("encoder", "decoder") and target == "seq2seq":
+        is_head = source_class is None or source_class not in ("HfAttentionModel", "HfAttentionDecoder")
+        return [((r"^model\.(.+)$" if is_head else r"^(.+)$"), source + r".\1"),
+                (rf"^{source}\.embeddings\.word_embeddings\.weight$", "shared.weight")]
+    return []
+
+
+def _incompatible_message(source: str, source_class: str | None, target: str, target_class: str) -> str:
+    what = f"an {source_class}" if source_class else "a model"
+    classes = ", ".join(FAMILIES[source])
+    hint = ""
+    if source in ("encoder", "decoder"):
+        hint = " (or warm-start HfAttentionEncoderDecoderModel / HfAttentionForConditionalGeneration from it)"
+    return (f"This checkpoint holds {what}, {_FAMILY_TEXT[source]}; {target_class} is "
+            f"{_FAMILY_TEXT[target]} and cannot use its weights. Load it with one of "
+            f"{classes}{hint}.")
+
+
 class HfAttentionPreTrainedModel(PreTrainedModel):
     config: HfAttentionConfig
     base_model_prefix = "model"
@@ -355,6 +442,48 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
         "hidden_states": HfAttentionLayer,
         "attentions": HfAttentionAttention,
     }
+
+    def __init__(self, config: HfAttentionConfig, *inputs, **kwargs):
+        # Values set after construction or passed to from_pretrained were never checked: fail before any weight.
+        config.check()
+        super().__init__(config, *inputs, **kwargs)
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """Every class can switch kernels after construction: `HfAttentionAttention` reads
+        `config._attn_implementation` at each forward (transformers' source heuristic misreads the vision module,
+        whose `HfAttention*(nn.Module)` embedding classes look like attention classes to it)."""
+        return True
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        """Load a checkpoint of another of our stacks: map the weights that apply, or refuse naming the right class.
+
+        One model_type serves four stacks under one `base_model_prefix`, so transformers alone would load an
+        encoder-decoder checkpoint into the encoder with every weight missing (only a log line).
+        """
+        target = model_family(type(model))
+        keys = _checkpoint_keys(state_dict, checkpoint_files)
+        source, source_class = _checkpoint_family(model.config, keys)
+        added: list[WeightRenaming] = []
+        if target is not None and source is not None and source != target:
+            pairs = cross_family_renamings(source, source_class, target)
+            if not pairs:
+                raise ValueError(_incompatible_message(source, source_class, target, type(model).__name__))
+            added = [WeightRenaming(source_patterns=src, target_patterns=dst) for src, dst in pairs]
+            mapping = added + list(load_config.weight_mapping or [])
+            load_config = dataclasses.replace(load_config, weight_mapping=mapping)
+            part = target if source == "seq2seq" else source
+            logger.warning(
+                f"{type(model).__name__} takes the {part} weights of this {source_class or source} checkpoint "
+                f"({_FAMILY_TEXT[source]}); the rest is not used or initialised. Load it with one of "
+                f"{', '.join(FAMILIES[source])} for the whole model."
+            )
+        result = PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+        if added:  # saving must not undo the mapping: the model is now a checkpoint of its own layout
+            model._weight_conversions = [c for c in getattr(model, "_weight_conversions", []) or []
+                                         if not any(c is a for a in added)]
+        return result
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also ship our pipelines module: transformers copies only the modeling code and its imports."""
@@ -381,6 +510,13 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
 def _expand_positions(position_ids: torch.Tensor | None, length: int, offset: int, device) -> torch.Tensor:
     if position_ids is None:
         return (torch.arange(length, device=device) + offset).unsqueeze(0)
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise ValueError(f"position_ids must hold integers, got dtype {position_ids.dtype}.")
+    if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != length:
+        raise ValueError(
+            f"position_ids has shape {tuple(position_ids.shape)}; expected (batch_size, {length}) or ({length},) "
+            f"for {length} new tokens."
+        )
     if position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
     return position_ids
@@ -418,6 +554,21 @@ class HfAttentionEmbeddings(nn.Module):
     ) -> torch.Tensor:
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
+        batch_size = inputs_embeds.shape[0]
+        if position_ids.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"position_ids has batch size {position_ids.shape[0]} but the input has {batch_size}; give one row "
+                "per sequence, or a single row shared by the batch."
+            )
+        if isinstance(self.position_embeddings, nn.Embedding) and position_ids.numel():
+            size = self.position_embeddings.num_embeddings
+            bad = position_ids[(position_ids < 0) | (position_ids >= size)]
+            if bad.numel():  # name the offending id itself (a negative one is not "past the end")
+                raise ValueError(
+                    f"position id {int(bad[0])} is outside the learned position table of size {size} "
+                    f"(max_position_embeddings): ids must be in [0, {size - 1}]. Truncate the input to {size} "
+                    "tokens, or use a positional type that extrapolates: 'sinusoidal', 'rope', 'alibi', 'relative'."
+                )
         embeddings = inputs_embeds * self.embed_scale
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
@@ -428,6 +579,20 @@ class HfAttentionEmbeddings(nn.Module):
         if self.layer_norm is not None:
             embeddings = self.layer_norm(embeddings)
         return self.dropout(embeddings)
+
+
+def _check_mask_batch(name: str, mask: torch.Tensor, batch_size: int | None) -> None:
+    """A mask of another batch size would broadcast silently (a batch-1 mask applied to every row)."""
+    if batch_size is not None and mask.shape[0] != batch_size:
+        raise ValueError(
+            f"{name} has batch size {mask.shape[0]} but the input has batch size {batch_size}; pass one "
+            f"[batch, length] mask row per sequence."
+        )
+
+
+def _checkpointing(stack: nn.Module) -> bool:
+    """Whether the stack's layers run under gradient checkpointing (GradientCheckpointingLayer's rule)."""
+    return stack.training and any(getattr(layer, "gradient_checkpointing", False) for layer in stack.layers)
 
 
 class HfAttentionStackMixin:
@@ -458,6 +623,7 @@ class HfAttentionStackMixin:
         dtype: torch.dtype,
         causal: bool = False,
         past_length: int = 0,
+        batch_size: int | None = None,
     ) -> AttentionInputs:
         q_len = position_ids.shape[-1]
         k_len = past_length + q_len
@@ -478,6 +644,7 @@ class HfAttentionStackMixin:
                     f"attention_mask has {attention_mask.shape[-1]} positions but the keys have {k_len} "
                     f"(past {past_length} + new {q_len})."
                 )
+            _check_mask_batch("attention_mask", attention_mask, batch_size)
             if not bool(attention_mask.all()):
                 key_padding_mask = attention_mask.to(torch.bool)
         rotary = None
@@ -493,6 +660,7 @@ class HfAttentionStackMixin:
             rotary_keys=rotary,
             bias_module=self.position_bias,
             pattern=self.sparse_pattern,
+            share_bias=not _checkpointing(self),
         )
 
 
@@ -540,7 +708,9 @@ class HfAttentionModel(HfAttentionStackMixin, HfAttentionPreTrainedModel):
         seq_len = reference.shape[1]
         position_ids = _expand_positions(position_ids, seq_len, 0, reference.device)
         hidden_states = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)
-        inputs = self._attention_inputs(position_ids, attention_mask, hidden_states.dtype)
+        inputs = self._attention_inputs(
+            position_ids, attention_mask, hidden_states.dtype, batch_size=reference.shape[0]
+        )
         output_attentions = bool(kwargs.get("output_attentions", self.config.output_attentions))
         for layer in self.layers:
             hidden_states = layer(hidden_states, inputs, output_attentions=output_attentions)
@@ -579,6 +749,21 @@ class HfAttentionForMaskedLM(HfAttentionPreTrainedModel):
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head.decoder = new_embeddings
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Also resizes `lm_head.bias` (transformers resizes only the decoder; BERT ties its bias to it)."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        old_bias, size = self.lm_head.bias, embeddings.weight.shape[0]
+        if old_bias.shape[0] != size:
+            new_bias = old_bias.new_zeros(size)
+            keep = min(size, old_bias.shape[0])
+            new_bias[:keep] = old_bias.detach()[:keep]
+            if mean_resizing and size > keep:  # as transformers' mean resizing of an LM head bias
+                new_bias[keep:] = old_bias.detach().float().mean().to(new_bias.dtype)
+            self.lm_head.bias = nn.Parameter(new_bias, requires_grad=old_bias.requires_grad)
+        return embeddings
 
     @can_return_tuple
     def forward(
@@ -805,13 +990,16 @@ class HfAttentionDecoder(HfAttentionStackMixin, HfAttentionPreTrainedModel):
         position_ids = _expand_positions(position_ids, seq_len, past_length, reference.device)
         hidden_states = self.embeddings(input_ids, position_ids, None, inputs_embeds)
         inputs = self._attention_inputs(
-            position_ids, attention_mask, hidden_states.dtype, causal=True, past_length=past_length
+            position_ids, attention_mask, hidden_states.dtype, causal=True, past_length=past_length,
+            batch_size=batch,
         )
         cross_inputs = None
         if encoder_hidden_states is not None:
             src_len = encoder_hidden_states.shape[1]
             src_positions = torch.arange(src_len, device=reference.device)[None]
             padding = None
+            if encoder_attention_mask is not None:
+                _check_mask_batch("encoder_attention_mask", encoder_attention_mask, batch)
             if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
                 padding = encoder_attention_mask.to(torch.bool)
             cross_inputs = AttentionInputs(q_positions=position_ids, k_positions=src_positions,
@@ -842,7 +1030,13 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decode
 
 
 class HfAttentionEncoderDecoderModel(HfAttentionPreTrainedModel):
-    """Encoder + decoder sharing one token embedding (BART layout), without an LM head."""
+    """Encoder + decoder sharing one token embedding (BART layout), without an LM head.
+
+    As BART: `shared`, `encoder` and `decoder` each own an embedding module and the parameters are tied through
+    `_tied_weights_keys`, so a checkpoint without them reports them missing and initialises them (one module
+    assigned three times stayed on the meta device). Unlike BART the two sides always share their table, whatever
+    `tie_word_embeddings` says (that flag ties the LM head): checkpoints hold only `shared.weight`.
+    """
 
     _tied_weights_keys = {
         "encoder.embeddings.word_embeddings.weight": "shared.weight",
@@ -854,9 +1048,13 @@ class HfAttentionEncoderDecoderModel(HfAttentionPreTrainedModel):
         self.shared = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.encoder = HfAttentionModel(config, num_layers=config.encoder_layers)
         self.decoder = HfAttentionDecoder(config, add_cross_attention=True, num_layers=config.decoder_layers)
-        self.encoder.embeddings.word_embeddings = self.shared
-        self.decoder.embeddings.word_embeddings = self.shared
         self.post_init()
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        """The encoder and decoder tables are always `shared` (transformers drops every tie when
+        `tie_word_embeddings=False`; checkpoints saved that way hold `shared.weight` only)."""
+        tied = super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
+        return tied if all_submodels else {**self._tied_weights_keys, **tied}
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.shared
@@ -1005,6 +1203,7 @@ class HfAttentionForCausalLM(HfAttentionPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: HfAttentionConfig):
+        config.is_decoder = True  # as BartForCausalLM: the config describes a causal model (see sliding_window)
         super().__init__(config)
         self.model = HfAttentionDecoder(config, add_cross_attention=False)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

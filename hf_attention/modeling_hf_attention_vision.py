@@ -44,6 +44,7 @@ from .modeling_hf_attention import (
     AttentionInputs,
     HfAttentionLayer,
     HfAttentionPreTrainedModel,
+    _checkpointing,
     classification_loss,
     pool_hidden_states,
 )
@@ -62,17 +63,16 @@ def make_image_processor(config: HfAttentionConfig, image_mean=None, image_std=N
 
     Without torchvision transformers' `ViTImageProcessor` is the PIL-backed `ViTImageProcessorPil`; it is
     picked directly so no fallback warning is printed (the saved type is "ViTImageProcessor" either way).
-    Mean/std default to ViT's (0.5, 0.5, 0.5); extra kwargs go to the processor.
+    Mean/std default to ViT's 0.5 for each of `config.num_channels`; extra kwargs go to the processor.
     """
     if importlib.util.find_spec("torchvision") is not None:
         from transformers import ViTImageProcessor as processor_cls
     else:
         from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil as processor_cls
     options = dict(size={"height": config.image_size, "width": config.image_size}, do_resize=True, **kwargs)
-    if image_mean is not None:
-        options["image_mean"] = list(image_mean)
-    if image_std is not None:
-        options["image_std"] = list(image_std)
+    # ViT's 0.5 per channel, sized to `num_channels` (a 3-value default cannot normalise a grayscale image).
+    options["image_mean"] = list(image_mean) if image_mean is not None else [0.5] * config.num_channels
+    options["image_std"] = list(image_std) if image_std is not None else [0.5] * config.num_channels
     return processor_cls(**options)
 
 
@@ -226,17 +226,24 @@ class HfAttentionVisionModel(HfAttentionVisionPreTrainedModel):
             self._grid_patterns[key] = make_grid_pattern(self.config, grid_height, grid_width, self.num_prefix_tokens)
         return self._grid_patterns[key]
 
-    def attention_inputs(self, position_ids: torch.Tensor, grid: tuple[int, int]) -> AttentionInputs:
-        """What every layer shares for one forward: 2-D ids, axial rotary tables, 2-D bias, grid pattern."""
+    def attention_inputs(
+        self, position_ids: torch.Tensor, grid: tuple[int, int], key_padding_mask: torch.Tensor | None = None
+    ) -> AttentionInputs:
+        """What every layer shares for one forward: 2-D ids, axial rotary tables, 2-D bias, grid pattern.
+
+        The grid pattern is read from the 2-D ids, so tokens keep their pattern wherever they sit in the
+        sequence (``key_padding_mask``, bool [B, L], True = real, marks extra padding slots).
+        """
         rotary = self.rotary_emb(position_ids) if self.rotary_emb is not None else None
         return AttentionInputs(
             q_positions=position_ids,
             k_positions=position_ids,
-            key_padding_mask=None,
+            key_padding_mask=key_padding_mask,
             rotary=rotary,
             rotary_keys=rotary,
             bias_module=self.position_bias,
             pattern=self.grid_pattern(*grid),
+            share_bias=not _checkpointing(self),
         )
 
     @merge_with_config_defaults

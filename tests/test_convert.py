@@ -75,7 +75,7 @@ def minilm():
 def minilm_saved(minilm, tmp_path_factory):
     path = minilm[0]
     folder = tmp_path_factory.mktemp("minilm") / "converted"
-    model, report = convert(path, folder)
+    model, report = convert(path, folder, return_report=True)
     return model, report, folder
 
 
@@ -108,7 +108,7 @@ def test_minilm_task_heads_reproduce_transformers_logits(minilm, head_cls, targe
     torch.manual_seed(0)  # the checkpoint has no head: transformers initialises one, which we must carry over
     kwargs = {"num_labels": 3} if "Sequence" in head_cls else {}
     source = getattr(transformers, head_cls).from_pretrained(path, **kwargs).eval()
-    model, report = convert(source)
+    model, report = convert(source, return_report=True)
     assert type(model) is target_cls
     assert report.new == [], report.summary()
     for inputs in (batch, pairs):
@@ -130,7 +130,7 @@ def test_minilm_qa_trains_like_bert_for_question_answering_from_the_same_seed(mi
     path, _, _, pairs = minilm
     transformers.set_seed(7)
     source = transformers.BertForQuestionAnswering.from_pretrained(path).train()
-    model, report = convert(path, task="question-answering", seed=7)
+    model, report = convert(path, task="question-answering", seed=7, return_report=True)
     model.train()
     assert model.config.activation_dropout == 0.0 and model.config.hidden_dropout_prob == 0.1
     assert report.new_names == {"qa_outputs.weight", "qa_outputs.bias"}
@@ -154,7 +154,7 @@ def test_minilm_qa_trains_like_bert_for_question_answering_from_the_same_seed(mi
 def test_minilm_sparse_local_alibi_override_keeps_weights_and_drops_the_position_table(minilm):
     path, _, batch, _ = minilm
     model, report = convert(path, attention_type="sparse", sparse_pattern="local", sparse_window_size=8,
-                            position_embedding_type="alibi")
+                            position_embedding_type="alibi", return_report=True)
     assert model.config.attention_type == "sparse" and model.config.position_embedding_type == "alibi"
     assert model.embeddings.position_embeddings is None
     assert report.new == []
@@ -171,7 +171,7 @@ def test_minilm_sparse_local_alibi_override_keeps_weights_and_drops_the_position
 @torch.no_grad()
 def test_minilm_additive_relative_override_reports_new_parameters(minilm):
     path, _, batch, _ = minilm
-    model, report = convert(path, attention_type="additive", position_embedding_type="relative")
+    model, report = convert(path, attention_type="additive", position_embedding_type="relative", return_report=True)
     additive = {f"layers.{i}.self_attn.additive_{p}" for i in range(6) for p in ("w_q", "w_k", "b", "v")}
     assert report.new_names == additive | {"position_bias.relative_attention_bias.weight"}
     assert report.dropped_names == POOLER | {"embeddings.position_embeddings.weight"}
@@ -182,7 +182,7 @@ def test_minilm_additive_relative_override_reports_new_parameters(minilm):
 @torch.no_grad()
 def test_minilm_bert2bert_warm_start(minilm):
     path, tokenizer, batch, _ = minilm
-    model, report = convert(path, task="seq2seq")
+    model, report = convert(path, task="seq2seq", return_report=True)
     source = transformers.BertModel.from_pretrained(path).eval()
     assert type(model) is HfAttentionForConditionalGeneration
     cross = {f"model.decoder.layers.{i}.{m}.{p}" for i in range(6)
@@ -265,7 +265,7 @@ def test_roberta_positions_start_after_the_padding_index(source_cls):
     torch.manual_seed(0)
     config = small_roberta_config(num_labels=3)
     source = getattr(transformers, source_cls)(config).eval()
-    model, report = convert(source)
+    model, report = convert(source, return_report=True)
     ids, mask = padded_ids(config.vocab_size, config.pad_token_id, [23, 11, 5])
     expected, got = source(ids, attention_mask=mask), model(ids, attention_mask=mask)
     # Real tokens match; padded rows differ by design (RoBERTa gives them the padding row), see the report note.
@@ -285,7 +285,7 @@ def test_vit_image_classification_matches_and_overrides_resample_or_drop_the_tab
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                     image_size=16, patch_size=4, num_labels=5, hidden_act="gelu")
     source = transformers.ViTForImageClassification(config).eval()
-    model, report = convert(source)
+    model, report = convert(source, return_report=True)
     assert type(model) is HfAttentionForImageClassification and model.config.norm_position == "pre"
     pixels = torch.randn(3, 3, 16, 16)
     assert max_diff(source(pixels).logits, model(pixels).logits) <= TOL
@@ -293,15 +293,15 @@ def test_vit_image_classification_matches_and_overrides_resample_or_drop_the_tab
     assert report.new == [] and report.dropped == [] and report.reshaped == []
 
     # A larger image size carries the learned table over as transformers' interpolate_pos_encoding does.
-    bigger, report = convert(source, image_size=24)
+    bigger, report = convert(source, image_size=24, return_report=True)
     table = {c.name: c for c in report.reshaped}["model.embeddings.position_embeddings"]
     assert table.shape == (1, 37, 32) and "4x4 to a 6x6" in table.reason
     pixels = torch.randn(2, 3, 24, 24)
     assert max_diff(source(pixels, interpolate_pos_encoding=True).logits, bigger(pixels).logits) <= TOL
 
-    rope, report = convert(source, position_embedding_type="rope")
+    rope, report = convert(source, position_embedding_type="rope", return_report=True)
     assert report.dropped_names == {"vit.embeddings.position_embeddings"} and report.new == []
-    headless, report = convert(transformers.ViTModel(config).eval())
+    headless, report = convert(transformers.ViTModel(config).eval(), return_report=True)
     assert type(headless) is HfAttentionVisionModel and report.dropped_names == POOLER
 
 
@@ -315,7 +315,7 @@ def test_bart_logits_and_greedy_generation_match(scale_embedding):
         scale_embedding=scale_embedding,
     )
     source = transformers.BartForConditionalGeneration(config).eval()
-    model, report = convert(source)
+    model, report = convert(source, return_report=True)
     assert type(model) is HfAttentionForConditionalGeneration
     ids, mask = padded_ids(config.vocab_size, config.pad_token_id, [17, 9, 12])
     decoder_ids = torch.randint(3, config.vocab_size, (3, 7))
@@ -330,7 +330,7 @@ def test_bart_logits_and_greedy_generation_match(scale_embedding):
                                                  "model.decoder.embeddings.position_embeddings.weight"}
     assert report.dropped_names == {"final_logits_bias"} and report.new == []
 
-    base, report = convert(source.model)
+    base, report = convert(source.model, return_report=True)
     assert type(base) is HfAttentionEncoderDecoderModel and report.new == [] and report.dropped == []
 
 
@@ -354,7 +354,7 @@ def test_a_head_missing_from_the_checkpoint_is_reported_new_and_the_encoder_stil
     torch.manual_seed(0)
     source = transformers.RobertaModel(small_roberta_config())
     source.save_pretrained(tmp_path / "roberta")
-    model, report = convert(tmp_path / "roberta", task="question-answering")
+    model, report = convert(tmp_path / "roberta", task="question-answering", return_report=True)
     assert type(model) is HfAttentionForQuestionAnswering
     assert report.new_names == {"qa_outputs.weight", "qa_outputs.bias"}
     assert all("not in the source checkpoint" in c.reason for c in report.new)
