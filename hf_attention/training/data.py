@@ -526,7 +526,15 @@ def load_local_dataset(
                     f"{images_path} has {len(images)} images but {labels_path} has {len(labels)}"
                 )
             arrays[split] = (images, labels)
-        if any("fashion" in str(files[s]).lower() for s in idx_splits):
+        fashion = [s for s in idx_splits if "fashion" in str(files[s]).lower()]
+        if fashion and len(fashion) < len(idx_splits):
+            # One split would silently be labelled with the other's class names (digits called "Trouser").
+            other = next(s for s in idx_splits if s not in fashion)
+            raise ValueError(
+                f"{files[fashion[0]]} ({fashion[0]}) is Fashion-MNIST by its path (classes T-shirt/top, Trouser, "
+                f"...) but {files[other]} ({other}) is not (classes 0, 1, ...): give the splits of one data set"
+            )
+        if fashion:
             names: Sequence[str] = FASHION_MNIST_LABELS
         else:
             names = [str(i) for i in range(max(int(lab.max(initial=0)) for _, lab in arrays.values()) + 1)]

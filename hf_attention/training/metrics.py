@@ -24,6 +24,8 @@ __all__ = [
     "exact_match_score",
     "f1_score",
     "first_sentence_baseline",
+    "input_dependence",
+    "input_dependence_warning",
     "load_metric",
     "normalize_answer",
     "rouge_scores",
@@ -203,6 +205,59 @@ def rouge_scores(
             totals[f"{rouge_type}_mean"] += sum(fs) / len(fs)
             totals[f"{rouge_type}_first"] += fs[0]
     return {key: 100.0 * value / len(predictions) for key, value in totals.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Does the output depend on the input? (degenerate generation)
+# --------------------------------------------------------------------------------------------------
+
+# Below these a model's outputs are flagged as not depending on its input: fewer than half of the predictions
+# distinct, or a loss on shuffled sources less than 2% above the loss on the true ones.
+MIN_DISTINCT_FRACTION = 0.5
+MIN_SHUFFLED_LOSS_GAP = 0.02
+
+
+def input_dependence(
+    predictions: Sequence[str] | None = None, loss: float | None = None, shuffled_loss: float | None = None
+) -> dict[str, float]:
+    """`distinct_predictions` (fraction of distinct generated texts) given predictions and, given both losses,
+    `shuffled_source_loss` and `shuffled_source_loss_gap` (its excess over the true sources' loss, relative).
+
+    A model that writes one sentence for every input can still score a plausible-looking ROUGE (a generic
+    sentence overlaps every reference a little); these two numbers show it. A model that reads its input
+    has a clearly higher loss when each summary is paired with another example's source.
+    """
+    scores: dict[str, float] = {}
+    if predictions is not None:
+        if not predictions:
+            raise ValueError("input_dependence: no predictions")
+        scores["distinct_predictions"] = len(set(predictions)) / len(predictions)
+    if loss is not None and shuffled_loss is not None:
+        scores["shuffled_source_loss"] = shuffled_loss
+        scores["shuffled_source_loss_gap"] = (shuffled_loss - loss) / loss if loss > 0 else 0.0
+    return scores
+
+
+def input_dependence_warning(metrics: Mapping[str, float], prefix: str) -> str | None:
+    """A warning naming the evidence when `<prefix>_*` metrics show outputs that do not depend on the input."""
+    samples = int(metrics.get(f"{prefix}_samples", 0))
+    distinct = metrics.get(f"{prefix}_distinct_predictions")
+    gap = metrics.get(f"{prefix}_shuffled_source_loss_gap")
+    reasons = []
+    if distinct is not None and samples > 1 and distinct < MIN_DISTINCT_FRACTION:
+        count = max(1, round(distinct * samples))
+        reasons.append(f"only {count} distinct prediction(s) among {samples} ({prefix}_distinct_predictions "
+                       f"{distinct:.3f} < {MIN_DISTINCT_FRACTION})")
+    if gap is not None and gap < MIN_SHUFFLED_LOSS_GAP:
+        shuffled, true = metrics.get(f"{prefix}_shuffled_source_loss"), metrics.get(f"{prefix}_loss")
+        losses = f" ({shuffled:.4f} vs {true:.4f})" if shuffled is not None and true is not None else ""
+        reasons.append(f"the loss with each summary paired with another example's source is within "
+                       f"{MIN_SHUFFLED_LOSS_GAP:.0%} of the loss on its own source{losses}")
+    if not reasons:
+        return None
+    return (f"WARNING: {prefix}: the outputs do not depend on the input: {'; and '.join(reasons)}. "
+            "Its scores measure one generic output against the references, not summarization; compare the "
+            "first-sentence baseline, and train longer or check the data (--text_column, --summary_column).")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -83,6 +83,26 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     return max(found)[2] if found else None
 
 
+def checkpoint_state(checkpoint: Path, num_processes: int) -> dict[str, Any]:
+    """What `save_checkpoint` recorded with the checkpoint; a clear error if the checkpoint was never finished."""
+    done = checkpoint / CHECKPOINT_DONE
+    if done.exists():
+        return json.loads(done.read_text())
+    # accelerate's save_state names (safetensors, .bin, or an FSDP folder for the weights).
+    expected = [("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp_0"), ("optimizer.bin",),
+                ("scheduler.bin",)] + [(f"random_states_{rank}.pkl",) for rank in range(num_processes)]
+    missing = [" or ".join(names) for names in expected if not any((checkpoint / n).exists() for n in names)]
+    if not missing:  # written before the completion marker existed: all its states are there
+        logger.warning(f"{checkpoint} has no {CHECKPOINT_DONE}; resuming from its states alone")
+        return {}
+    present = ", ".join(sorted(p.name for p in checkpoint.iterdir())) or "nothing"
+    raise SystemExit(
+        f"--resume_from_checkpoint {checkpoint}: the checkpoint is incomplete (its saving was interrupted): "
+        f"missing {', '.join(missing + [CHECKPOINT_DONE])}; it holds {present}. Resume from a complete checkpoint "
+        "(--resume_from_checkpoint without a value takes the latest complete one in --output_dir)."
+    )
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -90,7 +110,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class JsonlLogger:
-    """A plain log that is always written (main process), whatever trackers are on."""
+    """A plain log that is always written (main process), whatever trackers are on.
+
+    One run has one log: a fresh run starts it anew, a resumed run cuts it back to what it held when its
+    checkpoint was saved, so no step appears twice and no record of the abandoned attempt survives.
+    """
 
     def __init__(self, path: Path, enabled: bool):
         self.path = path
@@ -100,6 +124,20 @@ class JsonlLogger:
         if self.enabled:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record, default=float) + "\n")
+
+    def num_records(self) -> int:
+        return len(self.path.read_text().splitlines()) if self.path.exists() else 0
+
+    def restart(self, keep_records: int | None = 0, max_step: int | None = None) -> None:
+        """Keep the first `keep_records` records (0: start afresh); `None`: those up to `max_step`."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        if keep_records is not None:
+            kept = lines[:keep_records]
+        else:  # a checkpoint from before record counts were saved
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= (max_step or 0)]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
 
 def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,8 +155,13 @@ class RecipeRunner:
         self.jsonl = JsonlLogger(self.output_dir / "log.jsonl", accelerator.is_main_process)
         self.completed_steps = 0
         self.train_loss: float | None = None
+        # Training time and samples are cumulative over resumes (saved with each checkpoint), so a resumed
+        # run reports the time the whole training took, not only its last part.
         self.train_runtime = 0.0
         self.train_samples = 0
+        self._runtime_before = 0.0
+        self._started = time.perf_counter()
+        self._running_loss, self._running_count = 0.0, 0
 
     def init_trackers(self, task: str) -> None:
         if not self.args.with_tracking or self.args.report_to == "none":
@@ -149,7 +192,11 @@ class RecipeRunner:
         args, accelerator = self.args, self.accelerator
         if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
+        optimizer = torch.optim.AdamW(
+            optimizer_groups(model, args.weight_decay), lr=args.learning_rate,
+            betas=(getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999)),
+            eps=getattr(args, "adam_epsilon", 1e-8),
+        )
         processes = accelerator.num_processes
         updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps / processes)
         max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
@@ -158,6 +205,9 @@ class RecipeRunner:
             args.lr_scheduler_type, optimizer=optimizer,
             num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
             num_training_steps=max_steps * accelerator.num_processes,
+            scheduler_specific_kwargs=(
+                {"min_lr_rate": args.min_lr_rate} if args.lr_scheduler_type == "cosine_with_min_lr" else None
+            ),
         )
         model, optimizer, train_dataloader, scheduler = accelerator.prepare(
             model, optimizer, train_dataloader, scheduler
@@ -165,7 +215,7 @@ class RecipeRunner:
         updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         num_epochs = math.ceil(max_steps / max(updates_per_epoch, 1))
 
-        start_epoch, resume_batches = 0, 0
+        start_epoch, resume_batches, state = 0, 0, {}
         if args.resume_from_checkpoint is not None:
             checkpoint = (
                 Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else latest_checkpoint(args.output_dir)
@@ -175,32 +225,41 @@ class RecipeRunner:
                     f"--resume_from_checkpoint: no checkpoint found "
                     f"({args.resume_from_checkpoint or 'latest in ' + args.output_dir})"
                 )
-            accelerator.print(f"Resuming from {checkpoint}")
-            accelerator.load_state(str(checkpoint))
             match = CHECKPOINT_DIR.match(checkpoint.name)
             if match is None:
                 raise SystemExit(f"--resume_from_checkpoint {checkpoint}: expected a step_N or epoch_N folder")
+            state = checkpoint_state(checkpoint, accelerator.num_processes)
+            accelerator.print(f"Resuming from {checkpoint}")
+            accelerator.load_state(str(checkpoint))
             kind, number = match.groups()
             if kind == "epoch":
-                start_epoch, self.completed_steps = int(number) + 1, (int(number) + 1) * updates_per_epoch
-                if (checkpoint / CHECKPOINT_DONE).exists():
-                    self.completed_steps = json.loads((checkpoint / CHECKPOINT_DONE).read_text())["completed_steps"]
+                start_epoch = int(number) + 1
+                self.completed_steps = state.get("completed_steps", (int(number) + 1) * updates_per_epoch)
             else:
                 self.completed_steps = int(number)
                 start_epoch = self.completed_steps // updates_per_epoch
                 resume_batches = (self.completed_steps % updates_per_epoch) * args.gradient_accumulation_steps
+            self.jsonl.restart(state.get("log_records"), max_step=self.completed_steps)
+        else:
+            self.jsonl.restart(0)
+        self._runtime_before = state.get("train_runtime", 0.0)
+        self.train_samples = state.get("train_samples", 0)
+        self._running_loss, self._running_count = state.get("running_loss", 0.0), state.get("running_count", 0)
+        epoch_losses = [state["train_loss"]] if state.get("train_loss") is not None else []
         progress = tqdm(total=max_steps, initial=self.completed_steps, disable=not accelerator.is_local_main_process)
         micro_batch = self.completed_steps * args.gradient_accumulation_steps
         step_every = int(args.checkpointing_steps) if str(args.checkpointing_steps).isdigit() else None
-        started = time.perf_counter()
-        running_loss, running_count, epoch_losses = 0.0, 0, []
-        for epoch in range(start_epoch, num_epochs):
+        self._started = time.perf_counter()
+        # A run resumed from its last checkpoint has nothing left to train (and must not take one step more).
+        last_epoch = num_epochs if self.completed_steps < max_steps else start_epoch
+        for epoch in range(start_epoch, last_epoch):
             model.train()
             if hasattr(train_dataloader, "set_epoch"):
                 train_dataloader.set_epoch(epoch)
             batches = train_dataloader
             if epoch == start_epoch and resume_batches:
                 batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            pending_checkpoint = None
             for batch in batches:
                 # Dropout and augmentation draw from an RNG seeded by (seed, micro-batch, rank), not by history:
                 # libraries draw from the global RNG at unpredictable points (iterator starts, prefetching), and
@@ -216,45 +275,64 @@ class RecipeRunner:
                     scheduler.step()
                     optimizer.zero_grad()
                 detached = loss.detach().float()
-                running_loss += float(accelerator.reduce(detached, reduction="mean"))
-                running_count += 1
+                self._running_loss += float(accelerator.reduce(detached, reduction="mean"))
+                self._running_count += 1
                 self.train_samples += _batch_size(batch) * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
                 self.completed_steps += 1
+                mean = self._running_loss / max(self._running_count, 1)
+                progress.set_postfix(loss=f"{mean:.4f}", refresh=False)
                 progress.update(1)
                 if self.completed_steps % args.logging_steps == 0 or self.completed_steps == max_steps:
-                    mean = running_loss / max(running_count, 1)
                     epoch_losses.append(mean)
                     self.log({"train_loss": mean, "learning_rate": scheduler.get_last_lr()[0], "epoch": epoch},
                              step=self.completed_steps)
-                    running_loss, running_count = 0.0, 0
+                    self._running_loss, self._running_count = 0.0, 0
+                last_of_epoch = self.completed_steps % updates_per_epoch == 0 or self.completed_steps >= max_steps
                 if step_every and self.completed_steps % step_every == 0:
-                    self.save_checkpoint(f"step_{self.completed_steps}")
+                    # At an epoch's end the checkpoint waits for the evaluation, so resuming from it redoes nothing
+                    # and skips nothing (the log keeps that evaluation).
+                    if last_of_epoch:
+                        pending_checkpoint = f"step_{self.completed_steps}"
+                    else:
+                        self.save_checkpoint(f"step_{self.completed_steps}", epoch_losses)
                 if self.completed_steps >= max_steps:
                     break
-            if running_count:
-                epoch_losses.append(running_loss / running_count)
-                running_loss, running_count = 0.0, 0
+            if self._running_count:
+                epoch_losses.append(self._running_loss / self._running_count)
+                self._running_loss, self._running_count = 0.0, 0
             if evaluate is not None and args.do_eval:
                 metrics = evaluate(model, epoch)
                 self.log({**metrics, "epoch": epoch}, step=self.completed_steps)
                 accelerator.print(f"epoch {epoch}: {metrics}")
+            if pending_checkpoint:
+                self.save_checkpoint(pending_checkpoint, epoch_losses)
             if args.checkpointing_steps == "epoch":
-                self.save_checkpoint(f"epoch_{epoch}")
+                self.save_checkpoint(f"epoch_{epoch}", epoch_losses)
             if self.completed_steps >= max_steps:
                 break
         progress.close()
-        self.train_runtime = time.perf_counter() - started
+        self.train_runtime = self._runtime_before + time.perf_counter() - self._started
         self.train_loss = epoch_losses[-1] if epoch_losses else None
         return model
 
-    def save_checkpoint(self, name: str) -> None:
+    def save_checkpoint(self, name: str, epoch_losses: list[float] | None = None) -> None:
+        """accelerate's states, then the marker that says they are complete and what resuming needs besides."""
         folder = self.output_dir / name
         self.accelerator.save_state(str(folder))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            (folder / CHECKPOINT_DONE).write_text(json.dumps({"completed_steps": self.completed_steps}))
+            record = {
+                "completed_steps": self.completed_steps,
+                "log_records": self.jsonl.num_records(),
+                "train_runtime": self._runtime_before + time.perf_counter() - self._started,
+                "train_samples": self.train_samples,
+                "running_loss": self._running_loss,
+                "running_count": self._running_count,
+                "train_loss": epoch_losses[-1] if epoch_losses else None,
+            }
+            (folder / CHECKPOINT_DONE).write_text(json.dumps(record))
 
     def finish(self, model: torch.nn.Module, processor, metrics: dict[str, Any], card: str,
                extra_files: dict[str, Any] | None = None) -> dict[str, Any]:
