@@ -47,6 +47,7 @@ def test_validation_loss_is_mean_next_token_cross_entropy_over_the_text():
     ids = torch.randint(0, 11, (30,))
     windows = lm.validation_windows(ids, 8, None)
     assert windows["input_ids"].shape == (3, 8)  # (30 - 1) // 8 full windows
+    torch.set_grad_enabled(False)
     loss = lm.next_token_loss(model, windows)
     # Naive: each window scored alone, every position predicts the token after it.
     total, count = 0.0, 0
@@ -56,6 +57,7 @@ def test_validation_loss_is_mean_next_token_cross_entropy_over_the_text():
         for t in range(8):
             total += float(F.cross_entropy(logits[t : t + 1], ids[w * 8 + t + 1 : w * 8 + t + 2]))
             count += 1
+    torch.set_grad_enabled(True)
     assert float(loss) == pytest.approx(total / count, rel=1e-5)
 
 
