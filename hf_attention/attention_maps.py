@@ -58,20 +58,17 @@ class AttentionMaps:
         return out
 
     def _distance_query_mask(self, stack: str) -> torch.Tensor | None:
-        mask = self.query_mask.get(stack)
-        if self.grid is None or not self.num_prefix_tokens:
-            return mask
-        attn = self.attentions[stack][0]
-        patch = torch.ones(attn.shape[0], attn.shape[2], dtype=torch.bool)
-        patch[:, : self.num_prefix_tokens] = False
-        return patch if mask is None else patch & mask
+        return self._patches_only(self.query_mask.get(stack), self.attentions[stack][0].shape[2])
 
     def _key_weight(self, stack: str) -> torch.Tensor | None:
-        mask = self.key_mask.get(stack)
+        return self._patches_only(self.key_mask.get(stack), self.attentions[stack][0].shape[3])
+
+    def _patches_only(self, mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        """Vision: the prefix token has no place on the grid, so distances count patch tokens only."""
         if self.grid is None or not self.num_prefix_tokens:
             return mask
-        attn = self.attentions[stack][0]
-        patch = torch.ones(attn.shape[0], attn.shape[3], dtype=torch.bool)
+        batch = self.attentions["encoder"][0].shape[0]
+        patch = torch.ones(batch, length, dtype=torch.bool)
         patch[:, : self.num_prefix_tokens] = False
         return patch if mask is None else patch & mask
 

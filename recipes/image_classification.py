@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForImageClassification
 
 from hf_attention.training.arguments import add_common_args, parse_recipe_args
-from hf_attention.training.data import load_digits_dataset, require_columns
+from hf_attention.training.data import TensorDictDataset, load_digits_dataset, require_columns
 from hf_attention.training.metrics import accuracy
 from hf_attention.training.runner import RecipeRunner, make_accelerator, model_card
 from hf_attention.training.setup import build_model, load_raw_datasets, select_samples
@@ -94,17 +94,6 @@ def encode(dataset, processor, args: argparse.Namespace) -> dict[str, torch.Tens
         pixels.append(torch.as_tensor(np.asarray(arrays), dtype=torch.float32))
         labels.append(torch.as_tensor(rows[args.label_column_name]))
     return {"pixel_values": torch.cat(pixels), "labels": torch.cat(labels)}
-
-
-class TensorDictDataset(torch.utils.data.Dataset):
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.tensors.items()}
 
 
 def augment_batch(batch: dict[str, torch.Tensor], augment: str) -> dict[str, torch.Tensor]:

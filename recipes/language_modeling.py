@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from hf_attention.training.arguments import add_common_args, parse_recipe_args
+from hf_attention.training.data import TensorDictDataset
 from hf_attention.training.runner import RecipeRunner, make_accelerator, model_card
 from hf_attention.training.setup import build_model, load_raw_datasets, train_wordpiece_tokenizer
 
@@ -126,17 +127,6 @@ def validation_windows(ids: torch.Tensor, block_size: int, limit: int | None) ->
     inputs = ids[: count * block_size].view(count, block_size)
     targets = ids[1 : count * block_size + 1].view(count, block_size)
     return {"input_ids": inputs, "targets": targets}
-
-
-class TensorDictDataset(torch.utils.data.Dataset):
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.tensors.items()}
 
 
 @torch.no_grad()

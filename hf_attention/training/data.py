@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import (
     ClassLabel,
     Dataset,
@@ -572,3 +573,16 @@ def require_columns(
         raise ValueError(
             f"{source}: missing {noun} {', '.join(map(repr, missing))}; available columns: {available}"
         )
+
+
+class TensorDictDataset(torch.utils.data.Dataset):
+    """Rows of a dict of equally long tensors (data prepared once, in memory)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.tensors.items()}
