@@ -167,7 +167,9 @@ class HfAttentionConfig(PreTrainedConfig):
     position_embedding_type: str | None = None
     norm_position: str = "post"
     attention_bias: bool = True
-    scale_embedding: bool = False
+    # None: follow the positional type (Vaswani et al. scale token embeddings by sqrt(hidden_size) under sinusoidal
+    # positions, whose unit amplitude otherwise swamps embeddings initialised at std 0.02); saved configs keep theirs.
+    scale_embedding: bool | None = None
 
     rope_theta: float | int = 10000.0
     relative_attention_num_buckets: int = 32
@@ -203,6 +205,8 @@ class HfAttentionConfig(PreTrainedConfig):
         if self.position_embedding_type is None:
             # RoPE attention implies rotary positions; everything else defaults to BERT-style learned.
             self.position_embedding_type = "rope" if self.attention_type == "rope" else "learned"
+        if self.scale_embedding is None:
+            self.scale_embedding = self.position_embedding_type == "sinusoidal"
         if self.additive_hidden_size is None and self.num_attention_heads:
             self.additive_hidden_size = self.hidden_size // max(self.num_attention_heads, 1)
         if self.encoder_layers is None:

@@ -266,3 +266,32 @@ def test_sliding_window_keeps_cached_generation_exact(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.sliding_window == 4
     assert torch.equal(loaded.generate(ids, max_new_tokens=8, do_sample=False), uncached)
+
+
+# ------------------------------------------------------------------------------------- scale_embedding
+
+
+def test_sinusoidal_positions_scale_the_token_embeddings_as_vaswani():
+    """Vaswani et al.: token embedding * sqrt(d_model) + PE; other types, explicit values, saved configs keep theirs."""
+    import math
+
+    from hf_attention import HfAttentionModel
+
+    torch.manual_seed(0)
+    config = tiny(position_embedding_type="sinusoidal", norm_position="pre", hidden_dropout_prob=0.0, type_vocab_size=0)
+    assert config.scale_embedding is True
+    model = HfAttentionModel(config).eval()
+    ids = torch.randint(1, 50, (1, 7))
+    d = config.hidden_size
+    pos = torch.arange(7, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    pe = torch.zeros(7, d)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+    want = model.embeddings.word_embeddings(ids) * math.sqrt(d) + pe
+    got = model.embeddings(ids, torch.arange(7)[None])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert tiny().scale_embedding is False
+    assert tiny(position_embedding_type="sinusoidal", scale_embedding=False).scale_embedding is False
+    old = tiny(position_embedding_type="sinusoidal").to_dict()
+    old["scale_embedding"] = False  # what every checkpoint saved before this default holds
+    assert HfAttentionConfig.from_dict(old).scale_embedding is False
