@@ -40,6 +40,7 @@ TASKS = {
                            ("predict_f1", "predict_exact_match")),
     "summarization": ("summarization.py", "eval_rouge1", ("eval_rouge2", "eval_rougeL"),
                       ("test_rouge1", "test_rouge2", "test_rougeL")),
+    "language_modeling": ("language_modeling.py", "eval_loss", ("eval_perplexity",), ()),  # lower is better
 }
 # Resource columns: (results key, column name, markdown format).
 RESOURCES = (("train_runtime", "train_s", "{:.1f}"), ("train_samples_per_second", "samples_per_s", "{:.1f}"),
