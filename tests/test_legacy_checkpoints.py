@@ -21,6 +21,7 @@ CLASSES = {
     "seqcls_standard_sinusoidal": H.HfAttentionForSequenceClassification,
     "vision_sparse_local_relative": H.HfAttentionForImageClassification,
     "causal_lm_sparse_strided_learned": H.HfAttentionForCausalLM,
+    "vision_additive_learned": H.HfAttentionForImageClassification,
 }
 
 
