@@ -24,7 +24,8 @@ nothing five-dimensional is stored, used for large inputs) and an eager loop ove
 comes from a memory budget (always available; used for small inputs, when compiling fails, or
 with ``HF_ATTENTION_DISABLE_COMPILE=1``).
 
-This file is copied next to saved models and imported as remote code: torch and stdlib only.
+This file is copied next to saved models and imported as remote code: torch, stdlib and its flat siblings.
+`AdditiveScore` at the end is the `attention_type` class that owns the parameters and calls the kernel.
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
 
-__all__ = ["additive_attention", "additive_scores", "naive_additive_scores"]
+from .scores_hf_attention import AttentionScore, register_attention_score
+
+__all__ = ["AdditiveScore", "additive_attention", "additive_scores", "naive_additive_scores"]
 
 #: Default size of one eager tile buffer. Every op on a tile is a parallel region whose cost on a
 #: shared, busy CPU is dominated by waiting for the slowest thread, so fewer, larger tiles win:
@@ -406,7 +411,7 @@ def additive_attention(
     w_k: torch.Tensor,
     b: torch.Tensor | None,
     v: torch.Tensor,
-    attention_bias: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     dropout: float = 0.0,
     training: bool = False,
     output_attentions: bool = False,
@@ -417,7 +422,7 @@ def additive_attention(
     """Additive attention: returns ``(out [B, Lq, H, Dv], probs [B, H, Lq, Lk] or None)``.
 
     query [B,H,Lq,D], key [B,H,Lk,D], value [B,H,Lk,Dv]; w_q/w_k [H,D,A], b [H,A] or None, v [H,A].
-    ``attention_bias`` is added to the scores (broadcastable to [B,H,Lq,Lk]): padding masks as
+    ``attention_mask`` is added to the scores (broadcastable to [B,H,Lq,Lk]): padding masks as
     ``finfo.min`` (a fully masked row then attends uniformly, like transformers' eager kernels) or
     ``-inf`` (a fully masked row then gives zeros, never NaN); a boolean mask follows SDPA (True =
     attend). Softmax runs in float32 for half/bfloat16. ``out`` is transposed like transformers'
@@ -430,17 +435,17 @@ def additive_attention(
     # float32 scores straight from the kernel for half/bf16 (no round trip through half); the
     # result is a fresh tensor that autograd does not save, so the bias can be added in place.
     scores = _scores(qa, ka, v, backend, chunk_bytes, _acc_dtype(qa.dtype))
-    if attention_bias is not None:
-        if attention_bias.dtype == torch.bool:
-            attention_bias = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(
-                ~attention_bias, float("-inf")
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(
+                ~attention_mask, float("-inf")
             )
-        attention_bias = attention_bias.to(scores.dtype)
-        if torch.broadcast_shapes(scores.shape, attention_bias.shape) == scores.shape:
-            scores = scores.add_(attention_bias)
+        attention_mask = attention_mask.to(scores.dtype)
+        if torch.broadcast_shapes(scores.shape, attention_mask.shape) == scores.shape:
+            scores = scores.add_(attention_mask)
         else:
-            scores = scores + attention_bias
-    if attention_bias is None or scores.shape[-1] == 0:
+            scores = scores + attention_mask
+    if attention_mask is None or scores.shape[-1] == 0:
         probs = torch.softmax(scores, dim=-1)  # scores are bounded by sum |v|: never all -inf
     else:
         # Rows whose every score is -inf would be NaN: make them finite, then zero their weights.
@@ -455,3 +460,36 @@ def additive_attention(
         probs = F.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, (probs if output_attentions else None)
+
+
+@register_attention_score
+class AdditiveScore(AttentionScore):
+    """Bahdanau scoring per head, score = v^T tanh(W_q q + W_k k + b), softmax over keys.
+
+    Score biases and sparse patterns enter as the additive mask, so additive + a pattern equals additive under
+    the pattern's dense mask (it skips no computation: this kernel is dense).
+    """
+
+    name = "additive"
+    has_parameters = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        a = config.additive_hidden_size
+        self.w_q = nn.Parameter(torch.empty(self.num_heads, self.head_dim, a))
+        self.w_k = nn.Parameter(torch.empty(self.num_heads, self.head_dim, a))
+        self.b = nn.Parameter(torch.empty(self.num_heads, a))
+        self.v = nn.Parameter(torch.empty(self.num_heads, a))
+
+    def init_weights(self, config) -> None:
+        init.normal_(self.w_q, mean=0.0, std=self.head_dim**-0.5)
+        init.normal_(self.w_k, mean=0.0, std=self.head_dim**-0.5)
+        init.zeros_(self.b)
+        init.normal_(self.v, mean=0.0, std=self.v.shape[-1] ** -0.5)
+
+    def forward(self, attention, query, key, value, inputs, dropout=0.0, output_attentions=False):
+        return additive_attention(
+            query, key, value, self.w_q, self.w_k, self.b, self.v,
+            attention_mask=inputs.mask_with_bias(query.dtype, query.device),
+            dropout=dropout, training=attention.training, output_attentions=output_attentions,
+        )

@@ -33,6 +33,8 @@ __all__ = [
     "flex_block_mask",
     "flex_sparse_attention",
     "make_sparse_pattern",
+    "pattern_from_config",
+    "sparse_pattern_class",
     "sparse_attention",
 ]
 
@@ -116,10 +118,27 @@ class SparsePattern:
         if cls.name:
             _PATTERN_REGISTRY[cls.name] = cls
 
+    #: The config fields this pattern reads, by option name (``from_config`` reads only these).
+    config_options: ClassVar[dict[str, str]] = {}
+
     @classmethod
     def from_options(cls, **options: Any) -> SparsePattern:
         """Build from the full option set of ``make_sparse_pattern``, validating only what it uses."""
         raise NotImplementedError
+
+    @classmethod
+    def options_from_config(cls, config: Any) -> dict[str, Any]:
+        return {option: getattr(config, field) for option, field in cls.config_options.items()}
+
+    @classmethod
+    def from_config(cls, config: Any) -> SparsePattern:
+        """The 1-D pattern of a config (``sparse_*`` fields)."""
+        return cls.from_options(**cls.options_from_config(config))
+
+    @classmethod
+    def grid_form(cls, config: Any, grid_height: int, grid_width: int, num_prefix_tokens: int) -> SparsePattern:
+        """The 2-D form of this pattern on a patch grid (attention_sparse_2d.py)."""
+        raise ValueError(f"sparse_pattern={cls.name!r} has no 2-D form for a patch grid.")
 
     # -- the element rule ------------------------------------------------------------------------
     def allowed(
@@ -214,9 +233,18 @@ class LocalPattern(SparsePattern):
     def __post_init__(self) -> None:
         _check_positive("window_size", self.window_size)
 
+    config_options: ClassVar[dict[str, str]] = {"window_size": "sparse_window_size"}
+
     @classmethod
     def from_options(cls, **options: Any) -> LocalPattern:
         return cls(window_size=options["window_size"])
+
+    @classmethod
+    def grid_form(cls, config, grid_height, grid_width, num_prefix_tokens):
+        from .attention_sparse_2d import GridLocalPattern
+
+        return GridLocalPattern(grid_height=grid_height, grid_width=grid_width, num_prefix_tokens=num_prefix_tokens,
+                                **cls.options_from_config(config))
 
     def _reach(self, causal: bool) -> tuple[int, int]:
         """How far back and forward a query looks."""
@@ -249,9 +277,18 @@ class StridedPattern(SparsePattern):
     def __post_init__(self) -> None:
         _check_positive("stride", self.stride)
 
+    config_options: ClassVar[dict[str, str]] = {"stride": "sparse_stride"}
+
     @classmethod
     def from_options(cls, **options: Any) -> StridedPattern:
         return cls(stride=options["stride"])
+
+    @classmethod
+    def grid_form(cls, config, grid_height, grid_width, num_prefix_tokens):
+        from .attention_sparse_2d import GridStridedPattern
+
+        return GridStridedPattern(grid_height=grid_height, grid_width=grid_width, num_prefix_tokens=num_prefix_tokens,
+                                  **cls.options_from_config(config))
 
     @property
     def residue_stride(self) -> int:  # type: ignore[override]
@@ -305,6 +342,12 @@ class BlockPattern(SparsePattern):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
+    config_options: ClassVar[dict[str, str]] = {
+        "block_size": "sparse_block_size", "num_global_tokens": "sparse_num_global_tokens",
+        "num_random_blocks": "sparse_num_random_blocks", "seed": "sparse_seed",
+        "max_positions": "max_position_embeddings",
+    }
+
     @classmethod
     def from_options(cls, **options: Any) -> BlockPattern:
         return cls(
@@ -314,6 +357,15 @@ class BlockPattern(SparsePattern):
             seed=options["seed"],
             max_positions=options["max_positions"],
         )
+
+    @classmethod
+    def grid_form(cls, config, grid_height, grid_width, num_prefix_tokens):
+        from .attention_sparse_2d import GridBlockPattern
+
+        options = cls.options_from_config(config)
+        options.pop("max_positions")  # a grid's random tiles are drawn over the grid itself
+        return GridBlockPattern(grid_height=grid_height, grid_width=grid_width, num_prefix_tokens=num_prefix_tokens,
+                                **options)
 
     def capacity(self, seq_len: int | None = None) -> int:
         """Number of key blocks random draws come from; only grows past ``max_positions``."""
@@ -384,6 +436,24 @@ class BlockPattern(SparsePattern):
 
 
 SPARSE_PATTERNS: tuple[str, ...] = tuple(_PATTERN_REGISTRY)
+SPARSE_PATTERN_CLASSES = _PATTERN_REGISTRY  # name -> class, the registry every other module reads
+
+
+def sparse_pattern_class(name: str) -> type[SparsePattern]:
+    if name not in _PATTERN_REGISTRY:
+        raise ValueError(
+            f"sparse_pattern={name!r} is not valid; choose None (dense) or one of "
+            f"{', '.join(map(repr, _PATTERN_REGISTRY))}."
+        )
+    return _PATTERN_REGISTRY[name]
+
+
+def pattern_from_config(config: Any, grid: tuple[int, int, int] | None = None) -> SparsePattern | None:
+    """The one factory: `config.sparse_pattern` as a 1-D pattern, or on a (height, width, prefix) patch grid."""
+    if config.sparse_pattern is None:
+        return None
+    cls = sparse_pattern_class(config.sparse_pattern)
+    return cls.from_config(config) if grid is None else cls.grid_form(config, *grid)
 
 
 def make_sparse_pattern(
@@ -528,7 +598,7 @@ def _layout(pattern: SparsePattern, seq_len: int, causal: bool, device: torch.de
 
 
 def _bias(
-    bias_fn: Callable[[torch.Tensor], torch.Tensor],
+    score_bias: Callable[[torch.Tensor], torch.Tensor],
     positions: torch.Tensor | None,
     q_idx: torch.Tensor,
     kv_idx: torch.Tensor,
@@ -538,8 +608,8 @@ def _bias(
     Without ``positions`` the indices are the positions; with them the (clamped) indices are looked up.
     """
     if positions is None:
-        return bias_fn(kv_idx - q_idx).unsqueeze(0)
-    return bias_fn(positions[:, kv_idx] - positions[:, q_idx]).movedim(0, 1)
+        return score_bias(kv_idx - q_idx).unsqueeze(0)
+    return score_bias(positions[:, kv_idx] - positions[:, q_idx]).movedim(0, 1)
 
 
 def _padding_rule(
@@ -611,7 +681,7 @@ def sparse_attention(
     *,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
-    bias_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    score_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
     positions: torch.Tensor | None = None,
     scaling: float | None = None,
     dropout: float = 0.0,
@@ -621,7 +691,7 @@ def sparse_attention(
     """Block-sparse attention over ``pattern``; q/k/v ``[B, H, L, D]`` -> out ``[B, L, H, D]``.
 
     Exactly dense softmax attention under ``pattern.dense_mask`` with padding keys excluded and
-    ``bias_fn(k_pos - q_pos)`` ([H, *S]) added, but computing only the gathered key blocks, so the
+    ``score_bias(k_pos - q_pos)`` ([H, *S]) added, but computing only the gathered key blocks, so the
     cost is O(L * keys-per-query). Plain autograd: trains on any device, including CPU. Works on the
     [B, L, H, D] memory layout that transformers' projections produce, so the usual
     ``view(B, L, H, D).transpose(1, 2)`` inputs are read without an extra copy.
@@ -658,20 +728,20 @@ def sparse_attention(
             )
         if not _slots_are_positions(pattern, pattern_positions, pad):
             out = _dense_attention(
-                query, key, value, pattern, causal, pad, bias_fn, positions, scaling, dropout,
+                query, key, value, pattern, causal, pad, score_bias, positions, scaling, dropout,
                 pattern_positions=pattern_positions,
             )
             return out.transpose(1, 2)
 
     layout = None if seq_len <= DENSE_FALLBACK_MAX_LEN else _layout(pattern, seq_len, causal, query.device)
     if layout is None or layout.density >= DENSE_FALLBACK_DENSITY:
-        out = _dense_attention(query, key, value, pattern, causal, pad, bias_fn, positions, scaling, dropout)
+        out = _dense_attention(query, key, value, pattern, causal, pad, score_bias, positions, scaling, dropout)
         return out.transpose(1, 2)
 
-    out = _blocked_attention(query, key, value, layout, pad, bias_fn, positions, scaling, dropout)
+    out = _blocked_attention(query, key, value, layout, pad, score_bias, positions, scaling, dropout)
     if layout.dense_queries:  # e.g. global tokens: a few rows that attend everything
         rows = layout.dense_queries
-        args = (pattern, causal, pad, bias_fn, positions, scaling, dropout, rows)
+        args = (pattern, causal, pad, score_bias, positions, scaling, dropout, rows)
         out = torch.cat([_dense_attention(query, key, value, *args).transpose(1, 2), out[:, rows:]], dim=1)
     return out
 
@@ -695,7 +765,7 @@ def _slots_are_positions(pattern: SparsePattern, pattern_positions: torch.Tensor
 
 
 def _dense_attention(
-    query, key, value, pattern: SparsePattern, causal, pad, bias_fn, positions, scaling, dropout, rows=None,
+    query, key, value, pattern: SparsePattern, causal, pad, score_bias, positions, scaling, dropout, rows=None,
     pattern_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense SDPA under the pattern's boolean mask (short sequences, global query rows); [B, H, rows, D].
@@ -712,14 +782,14 @@ def _dense_attention(
         mask = pattern.position_mask(pattern_positions[:, :rows], pattern_positions, causal)
         mask = mask & (kv_idx <= q_idx) if causal else mask
     mask = _padding_rule(pad, mask, q_idx == kv_idx, kv_idx).view(-1, 1, rows, seq_len)  # 4-D: else math SDPA
-    bias = None if bias_fn is None else _bias(bias_fn, positions, q_idx, kv_idx)
+    bias = None if score_bias is None else _bias(score_bias, positions, q_idx, kv_idx)
     attn_mask = _attn_mask(mask, bias, query.dtype)
     return F.scaled_dot_product_attention(
         query[:, :, :rows], key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scaling
     )
 
 
-def _blocked_attention(query, key, value, layout: _Layout, pad, bias_fn, positions, scaling, dropout):
+def _blocked_attention(query, key, value, layout: _Layout, pad, score_bias, positions, scaling, dropout):
     """Query blocks against their gathered key blocks (+ the residue component); out [B, L, H, D].
 
     Blocks are folded into SDPA's batch axis ([B * nQB, H, bs, D]), so the per-block mask
@@ -734,9 +804,9 @@ def _blocked_attention(query, key, value, layout: _Layout, pad, bias_fn, positio
     mask = _padding_rule(pad, layout.mask, layout.diag, layout.kv_pos[:, None, :])
     mask = mask.view(-1, nb, 1, bs, nk)  # [B or 1, nQB, 1 (heads), bs, K * bs]
     bias = None
-    if bias_fn is not None:  # indices past the end are clamped: those entries are masked or dropped
+    if score_bias is not None:  # indices past the end are clamped: those entries are masked or dropped
         q_idx = torch.arange(padded, device=query.device).clamp(max=seq_len - 1).view(nb, bs, 1)
-        bias = _bias(bias_fn, positions, q_idx, layout.kv_pos[:, None, :]).transpose(1, 2)
+        bias = _bias(score_bias, positions, q_idx, layout.kv_pos[:, None, :]).transpose(1, 2)
     attn_mask = _fold(_attn_mask(mask, bias, query.dtype), batch)
 
     if layout.residue is None:
@@ -748,7 +818,7 @@ def _blocked_attention(query, key, value, layout: _Layout, pad, bias_fn, positio
     # One softmax over [band keys | residue keys] per query: scores concatenated in [B, L, H, keys].
     s_band = _add_mask((q_blocks * scaling) @ k_blocks.transpose(-1, -2), attn_mask)  # scale q, not scores
     s_band = s_band.transpose(1, 2).reshape(batch, padded, heads, nk)[:, :seq_len]
-    res = _Grouped(layout.residue, q_seq, k_seq, v_seq, pad, bias_fn, positions, scaling)
+    res = _Grouped(layout.residue, q_seq, k_seq, v_seq, pad, score_bias, positions, scaling)
     probs = _softmax(torch.cat([s_band, res.scores], dim=-1), dropout)
     p_band, p_res = probs.split([nk, res.groups], dim=-1)
     p_band = _pad_seq(p_band, 0, padded - seq_len).reshape(batch * nb, bs, heads, nk).transpose(1, 2)
@@ -763,15 +833,15 @@ class _Grouped:
     the matching probabilities back to [B, L, H, D].
     """
 
-    def __init__(self, res: _Residue, q_seq, k_seq, v_seq, pad, bias_fn, positions, scaling):
+    def __init__(self, res: _Residue, q_seq, k_seq, v_seq, pad, score_bias, positions, scaling):
         self.res, self.groups = res, res.groups
         self.batch, self.seq_len, self.heads, _ = q_seq.shape
         mask = res.mask if pad is None else res.mask & pad[:, res.pos[:, None, :]]
         mask = mask.view(-1, res.stride, 1, res.groups, res.groups)  # [B or 1, stride, 1, G, G]
         bias = None
-        if bias_fn is not None:
+        if score_bias is not None:
             pos = res.pos
-            bias = _bias(bias_fn, positions, pos[:, :, None], pos[:, None, :]).transpose(1, 2)
+            bias = _bias(score_bias, positions, pos[:, :, None], pos[:, None, :]).transpose(1, 2)
         attn_mask = _fold(_attn_mask(mask, bias, q_seq.dtype), self.batch)
         self.v = self._group(v_seq)
         scores = _add_mask(self._group(q_seq * scaling) @ self._group(k_seq).transpose(-1, -2), attn_mask)
@@ -882,14 +952,15 @@ def flex_sparse_attention(
     *,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
-    bias_fn_mod: Callable[..., torch.Tensor] | None = None,
+    score_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
     scaling: float | None = None,
     pattern_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Compiled FlexAttention with the pattern's BlockMask (on ``pattern_positions`` if given); out ``[B, L, H, D]``.
 
     The sparse training kernel on CUDA; on CPU (torch 2.13) forward only, FlexAttention has no CPU
-    backward. ``bias_fn_mod`` is a FlexAttention ``score_mod`` ``(score, b, h, q_idx, kv_idx) -> score``.
+    backward. ``score_bias(k_pos - q_pos)`` ([H, *S]) becomes a ``score_mod`` computed from the indices (on
+    ``pattern_positions`` when given), so no [B, H, L, L] bias is built.
     Each (pattern, causal, padded or not, score_mod) combination compiles its own graph; dynamo's
     ``recompile_limit`` (8 per process for flex_attention) bounds how many one process can mix.
     """
@@ -897,5 +968,15 @@ def flex_sparse_attention(
         pattern, query.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=query.device,
         pattern_positions=pattern_positions,
     )
-    out = _flex_kernel()(query, key, value, score_mod=bias_fn_mod, block_mask=block_mask, scale=scaling)
+    score_mod = None
+    if score_bias is not None:
+        positions = pattern_positions
+        if positions is None:
+            positions = torch.arange(query.shape[2], device=query.device)[None]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            row = positions[b if positions.shape[0] > 1 else 0]
+            return score + score_bias(row[kv_idx] - row[q_idx])[h].to(score.dtype)
+
+    out = _flex_kernel()(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling)
     return out.transpose(1, 2)

@@ -29,7 +29,7 @@ import torch
 from .attention_sparse import SparsePattern
 from .positions_2d_hf_attention import decode_positions
 
-__all__ = ["GridBlockPattern", "GridLocalPattern", "GridPattern", "GridStridedPattern", "make_grid_pattern"]
+__all__ = ["GridBlockPattern", "GridLocalPattern", "GridPattern", "GridStridedPattern"]
 
 _CACHE_SIZE = 32
 # Keyed by (pattern, what, ...): equal patterns (frozen dataclasses) share their masks and tables.
@@ -256,19 +256,3 @@ class GridBlockPattern(GridPattern):
             return out & (kv_idx <= q_idx) if causal else out
 
         return allowed
-
-
-def make_grid_pattern(config, grid_height: int, grid_width: int, num_prefix_tokens: int) -> GridPattern:
-    """The 2-D pattern for `config.sparse_pattern` on one grid (see the module docstring for the sizes)."""
-    common = dict(grid_height=grid_height, grid_width=grid_width, num_prefix_tokens=num_prefix_tokens)
-    kind = config.sparse_pattern
-    if kind == "local":
-        return GridLocalPattern(window_size=config.sparse_window_size, **common)
-    if kind == "strided":
-        return GridStridedPattern(stride=config.sparse_stride, **common)
-    if kind == "block":
-        return GridBlockPattern(
-            block_size=config.sparse_block_size, num_global_tokens=config.sparse_num_global_tokens,
-            num_random_blocks=config.sparse_num_random_blocks, seed=config.sparse_seed, **common,
-        )
-    raise ValueError(f"sparse_pattern={kind!r} is not valid; choose one of 'local', 'strided', 'block'.")

@@ -10,13 +10,14 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.generation.configuration_utils import GenerationConfig
 
-ATTENTION_TYPES = ("standard", "additive", "rope", "sparse")
-POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
-SPARSE_PATTERNS = ("local", "strided", "block")
+from .registry_hf_attention import attention_score_class, positional_encoding_class, sparse_pattern_class
+
 NORM_POSITIONS = ("pre", "post")
+# The first release's fused spellings of `attention_type` (see `normalise_legacy_variant`).
+LEGACY_ATTENTION_TYPES = ("sparse", "rope")
 POOLING_TYPES = ("cls", "mean")
-# Positional types that act on q/k or on the scores, not on the input embeddings.
-RELATIVE_POSITION_TYPES = ("rope", "alibi", "relative")
+# Written by `to_dict`: configs without it were saved before scoring, pattern and positions were three axes.
+CONFIG_FORMAT_KEY, CONFIG_FORMAT = "hf_attention_config_format", 2
 # Written into every saved config so each head loads with `trust_remote_code=True` without our package.
 AUTO_MAP = {
     "AutoConfig": "configuration_hf_attention.HfAttentionConfig",
@@ -79,6 +80,14 @@ def _raise_value_errors(cls):
     strict_setattr, strict_validate = cls.__setattr__, cls.validate
 
     def __setattr__(self, name, value):
+        if name == "attention_type" and self.__dict__.get("_axes_ready"):
+            values = normalise_legacy_variant({"attention_type": value,
+                                               "position_embedding_type": self.position_embedding_type,
+                                               "sparse_pattern": self.sparse_pattern})
+            value = values["attention_type"]
+            for other in ("position_embedding_type", "sparse_pattern"):
+                if values[other] != getattr(self, other):
+                    setattr(self, other, values[other])
         try:
             strict_setattr(self, name, value)
         except ConfigFieldError:
@@ -96,6 +105,32 @@ def _raise_value_errors(cls):
     validate.__is_defined_by_strict_decorator__ = True  # lets remote-code subclasses apply `@strict` again
     cls.__setattr__, cls.validate = __setattr__, validate
     return cls
+
+
+def normalise_legacy_variant(values: dict, saved_before_axes: bool = False) -> dict:
+    """The one place the first release's spellings are read (in place; returns `values`).
+
+    `attention_type` used to fuse three choices: `"sparse"` is standard scoring with `sparse_pattern` (default
+    `"local"`), `"rope"` is standard scoring with rotary positions. Configs saved then carried the unused
+    default `sparse_pattern="local"` next to dense variants (`saved_before_axes`): it meant dense.
+    """
+    attention = values.get("attention_type")
+    if saved_before_axes and attention != "sparse" and "sparse_pattern" in values:
+        values["sparse_pattern"] = None
+    if attention == "sparse":
+        values["attention_type"] = "standard"
+        values["sparse_pattern"] = values.get("sparse_pattern") or "local"
+    elif attention == "rope":
+        position = values.get("position_embedding_type")
+        if position not in (None, "rope"):
+            raise ValueError(
+                f"attention_type='rope' implies position_embedding_type='rope', got "
+                f"position_embedding_type={position!r}; use attention_type='standard' "
+                "with that positional type, or position_embedding_type='rope'."
+            )
+        values["attention_type"] = "standard"
+        values["position_embedding_type"] = "rope"
+    return values
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -118,9 +153,12 @@ def _probability(name: str, value: object) -> None:
 class HfAttentionConfig(PreTrainedConfig):
     r"""Configuration of every hf_attention model.
 
-    The scoring algorithm is `attention_type`; the kernel that runs it is transformers'
-    `attn_implementation` (`"eager"`, `"sdpa"`, `"flex_attention"`). `attention_type="rope"` is
-    standard scoring with rotary q/k and implies `position_embedding_type="rope"`.
+    Three independent axes, each a registry of classes: the scoring function `attention_type`
+    (`ATTENTION_SCORES`), the sparse pattern `sparse_pattern` (None = dense, or `SPARSE_PATTERN_CLASSES`) and
+    `position_embedding_type` (`POSITIONAL_ENCODINGS`); combinations that cannot work are refused with the
+    reason. The kernel that runs the scoring is transformers' `attn_implementation` (`"eager"`, `"sdpa"`,
+    `"flex_attention"`). The first release's `attention_type="sparse"` / `"rope"` still load
+    (`normalise_legacy_variant`).
 
     Encoder-decoder models use `encoder_layers` / `decoder_layers` (so transformers' caches size
     themselves); encoder-only models use `num_hidden_layers`.
@@ -135,7 +173,7 @@ class HfAttentionConfig(PreTrainedConfig):
     Example:
     ```python
     >>> from hf_attention import HfAttentionConfig, HfAttentionModel
-    >>> config = HfAttentionConfig(attention_type="sparse", sparse_pattern="local", position_embedding_type="alibi")
+    >>> config = HfAttentionConfig(attention_type="standard", sparse_pattern="local", position_embedding_type="alibi")
     >>> model = HfAttentionModel(config)
     ```
     """
@@ -176,7 +214,7 @@ class HfAttentionConfig(PreTrainedConfig):
     relative_attention_max_distance: int = 128
     additive_hidden_size: int | None = None
 
-    sparse_pattern: str = "local"
+    sparse_pattern: str | None = None  # None: dense attention
     sparse_window_size: int = 128
     sparse_block_size: int = 64
     sparse_stride: int = 64
@@ -202,11 +240,12 @@ class HfAttentionConfig(PreTrainedConfig):
         _check_unknown_kwargs(kwargs)
         if sliding_window is not None:
             self.sliding_window = sliding_window
-        if self.position_embedding_type is None:
-            # RoPE attention implies rotary positions; everything else defaults to BERT-style learned.
-            self.position_embedding_type = "rope" if self.attention_type == "rope" else "learned"
+        legacy = normalise_legacy_variant({"attention_type": self.attention_type, "sparse_pattern": self.sparse_pattern,
+                                           "position_embedding_type": self.position_embedding_type})
+        self.attention_type, self.sparse_pattern = legacy["attention_type"], legacy["sparse_pattern"]
+        self.position_embedding_type = legacy["position_embedding_type"] or "learned"  # BERT's default
         if self.scale_embedding is None:
-            self.scale_embedding = self.position_embedding_type == "sinusoidal"
+            self.scale_embedding = positional_encoding_class(self.position_embedding_type).scales_embedding
         if self.additive_hidden_size is None and self.num_attention_heads:
             self.additive_hidden_size = self.hidden_size // max(self.num_attention_heads, 1)
         if self.encoder_layers is None:
@@ -218,6 +257,7 @@ class HfAttentionConfig(PreTrainedConfig):
         self.custom_pipelines = {**CUSTOM_PIPELINES, **(getattr(self, "custom_pipelines", None) or {})}
         # `@strict` wraps validator errors in a non-ValueError; users (and recipes) catch ValueError.
         self.check()
+        self.__dict__["_axes_ready"] = True  # later `attention_type` assignments are normalised too
 
     @property
     def head_dim(self) -> int:
@@ -234,24 +274,23 @@ class HfAttentionConfig(PreTrainedConfig):
         bidirectional encoder's window is `|i - j| <= sparse_window_size // 2` (another pattern), and an
         encoder-decoder's cross-attention cache is built from this same config (a window would truncate it).
         Derived, so it cannot disagree with `sparse_window_size`. Setting it (as transformers' common tests and
-        tools do) selects what it names: `N` gives `attention_type="sparse"`, `sparse_pattern="local"`,
+        tools do) selects what it names: `N` gives `sparse_pattern="local"`,
         `sparse_window_size=N` (exactly transformers' sliding window in a decoder; in an encoder our bidirectional
         local window of that size, for which this property then reads None); `None` turns a local pattern back
         into dense attention.
         """
-        if self.attention_type == "sparse" and self.sparse_pattern == "local" and self.is_decoder:
+        if self.sparse_pattern == "local" and self.is_decoder:
             return self.sparse_window_size
         return None
 
     @sliding_window.setter
     def sliding_window(self, value: int | None) -> None:
         if value is None:
-            if self.attention_type == "sparse" and self.sparse_pattern == "local":
-                self.attention_type = "standard"
+            if self.sparse_pattern == "local":
+                self.sparse_pattern = None
             return
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"sliding_window={value!r} is not valid; it must be a positive integer or None.")
-        self.attention_type = "sparse"
         self.sparse_pattern = "local"
         self.sparse_window_size = value
 
@@ -278,10 +317,20 @@ class HfAttentionConfig(PreTrainedConfig):
         """Part of `@strict` validation (`config.validate()` after edits)."""
         self.check_architecture()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Saved configs: those without the format key were written before the three axes (see
+        `normalise_legacy_variant`); `from_pretrained` keyword overrides are normalised on assignment."""
+        config_dict = dict(config_dict)
+        saved_before_axes = config_dict.pop(CONFIG_FORMAT_KEY, None) is None
+        return super().from_dict(normalise_legacy_variant(config_dict, saved_before_axes), **kwargs)
+
     def to_dict(self) -> dict:
         """transformers' `pipeline()` swaps the model class names in `custom_pipelines` for classes in place;
         save names so the config stays JSON (and loadable) after a pipeline was built from it."""
         output = super().to_dict()
+        output[CONFIG_FORMAT_KEY] = CONFIG_FORMAT
+        output.pop("_axes_ready", None)
         pipelines = output.get("custom_pipelines")
         if pipelines:
             output["custom_pipelines"] = {
@@ -292,8 +341,10 @@ class HfAttentionConfig(PreTrainedConfig):
 
     def check_variant(self) -> None:
         """Every bad value raises a ValueError naming itself and the valid choices."""
-        _choice("attention_type", self.attention_type, ATTENTION_TYPES)
-        _choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
+        score = attention_score_class(self.attention_type)
+        positions = positional_encoding_class(self.position_embedding_type)
+        if self.sparse_pattern is not None:
+            sparse_pattern_class(self.sparse_pattern)
         _choice("norm_position", self.norm_position, NORM_POSITIONS)
         _choice("pooling", self.pooling, POOLING_TYPES)
         if self.hidden_act not in ACT2FN:
@@ -301,14 +352,6 @@ class HfAttentionConfig(PreTrainedConfig):
                 f"hidden_act={self.hidden_act!r} is not valid; choose one of transformers' activations: "
                 f"{', '.join(map(repr, sorted(ACT2FN)))}."
             )
-        if self.attention_type == "rope" and self.position_embedding_type != "rope":
-            raise ValueError(
-                f"attention_type='rope' implies position_embedding_type='rope', got "
-                f"position_embedding_type={self.position_embedding_type!r}; use attention_type='standard' "
-                "with that positional type, or position_embedding_type='rope'."
-            )
-        if self.attention_type == "sparse":
-            _choice("sparse_pattern", self.sparse_pattern, SPARSE_PATTERNS)
         for name in ("sparse_window_size", "sparse_block_size", "sparse_stride"):
             _positive(name, getattr(self, name))
         if self.sparse_num_global_tokens < 0 or self.sparse_num_random_blocks < 0:
@@ -325,6 +368,8 @@ class HfAttentionConfig(PreTrainedConfig):
             _probability(name, getattr(self, name))
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta={self.rope_theta!r} is not valid; it must be positive.")
+        positions.check_config(self)
+        score.check_config(self)
 
     def check_architecture(self) -> None:
         """Shapes that cannot work."""
@@ -332,12 +377,6 @@ class HfAttentionConfig(PreTrainedConfig):
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
                 f"{self.num_attention_heads}."
-            )
-        if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(f"position_embedding_type='rope' needs an even head dimension, got {self.head_dim}.")
-        if self.relative_attention_num_buckets < 2:
-            raise ValueError(
-                f"relative_attention_num_buckets={self.relative_attention_num_buckets} is too small; use at least 2."
             )
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}.")
@@ -360,7 +399,7 @@ def _check_unknown_kwargs(kwargs: dict) -> None:
         if key == "layer_types":
             raise ValueError(
                 f"layer_types={kwargs[key]!r}: layer_types is derived from the sparse pattern, not set; use "
-                "attention_type='sparse', sparse_pattern='local', sparse_window_size=N (or sliding_window=N)."
+                "sparse_pattern='local', sparse_window_size=N (or sliding_window=N)."
             )
         if key.startswith("_") or key in allowed or key.endswith("_token_id"):
             continue

@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 import transformers
-from torch import nn
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 
-from .configuration_hf_attention import HfAttentionConfig
+from .configuration_hf_attention import HfAttentionConfig, normalise_legacy_variant
 from .modeling_hf_attention import (
     HfAttentionEncoderDecoderModel,
     HfAttentionForConditionalGeneration,
@@ -39,6 +38,8 @@ from .modeling_hf_attention import (
     HfAttentionModel,
 )
 from .modeling_hf_attention_vision import HfAttentionForImageClassification, HfAttentionVisionModel
+from .positions_2d_hf_attention import resample_position_table
+from .positions_hf_attention import positional_encoding_class
 
 TASKS = ("base", "masked-lm", "sequence-classification", "question-answering", "image-classification", "seq2seq")
 TEXT_MODEL_TYPES = ("bert", "roberta")
@@ -418,8 +419,8 @@ def _vision_plan(model: PreTrainedModel, task: str) -> _Plan:
     target = "model." if classify else ""
     plan = _Plan("vision", HfAttentionForImageClassification if classify else HfAttentionVisionModel, config, target)
     m = _Mapper(model, plan)
-    for name in ("cls_token", "position_embeddings"):
-        m.copy(f"{target}embeddings.{name}", m.body(f"embeddings.{name}"))
+    m.copy(f"{target}embeddings.cls_token", m.body("embeddings.cls_token"))
+    m.copy(f"{target}embeddings.position_embeddings.weight", m.body("embeddings.position_embeddings"))
     m.copy_module(f"{target}embeddings.patch_embeddings.projection", m.body("embeddings.patch_embeddings.projection"))
     for i in range(cfg.num_hidden_layers):
         for source, ours in _VIT_LAYER:
@@ -575,19 +576,17 @@ def _fit(name: str, value: torch.Tensor, ref: torch.Tensor, config: HfAttentionC
         if value.shape[0] > ref.shape[0]:
             return out, f"truncated to max_position_embeddings={ref.shape[0]} rows"
         return out, f"extended to {ref.shape[0]} rows: rows {value.shape[0]}+ keep their fresh initialisation"
-    if value.dim() == 3 and name.endswith("embeddings.position_embeddings") and value.shape[-1] == ref.shape[-1]:
+    if value.dim() == 3 and name.endswith("embeddings.position_embeddings.weight") and value.shape[-1] == ref.shape[-1]:
         src_prefix = 1 if plan.config["pooling"] == "cls" else 0
         tgt_prefix = 1 if config.pooling == "cls" else 0
         src_grid = math.isqrt(value.shape[1] - src_prefix)
         tgt_grid = config.image_size // config.patch_size
-        patches = value[:, src_prefix:].reshape(1, src_grid, src_grid, -1).permute(0, 3, 1, 2)
+        table = resample_position_table(value, src_prefix, (src_grid, src_grid), (tgt_grid, tgt_grid))
         how = []
         if src_grid != tgt_grid:
-            patches = nn.functional.interpolate(patches, size=(tgt_grid, tgt_grid), mode="bicubic",
-                                                align_corners=False)
             how.append(f"patch rows resampled bicubically from a {src_grid}x{src_grid} to a {tgt_grid}x{tgt_grid} grid")
-        patches = patches.permute(0, 2, 3, 1).reshape(1, tgt_grid * tgt_grid, -1)
-        prefix = value[:, :src_prefix] if tgt_prefix else value[:, :0]
+        patches = table[:, src_prefix:]
+        prefix = table[:, :src_prefix] if tgt_prefix else table[:, :0]
         if src_prefix and not tgt_prefix:
             how.append("[CLS] row dropped (pooling='mean')")
         elif tgt_prefix and not src_prefix:
@@ -621,10 +620,10 @@ def _absent_reason(target: str, config: HfAttentionConfig) -> str:
 
 def _new_reason(name: str, config: HfAttentionConfig, plan: _Plan, source_class: str) -> str:
     """Why a target tensor starts from a fresh initialisation."""
-    if ".additive_" in name:
-        return "attention_type='additive' scoring parameters"
-    if "relative_attention_bias" in name:
-        return "position_embedding_type='relative' bias table"
+    if ".score." in name:
+        return f"attention_type={config.attention_type!r} scoring parameters"
+    if "score_bias." in name:
+        return f"position_embedding_type={config.position_embedding_type!r} bias table"
     if "encoder_attn" in name:
         return "cross-attention: the encoder checkpoint has none (BERT2BERT starts it fresh, Rothe et al. 2020)"
     if name in plan.items:
@@ -764,7 +763,7 @@ def _verify(plan: _Plan, source: PreTrainedModel, target: PreTrainedModel, head_
                              ("logits",), None, diffs)
         return diffs
     limits = [16, plan.config["max_position_embeddings"]]
-    if config.position_embedding_type == "learned":
+    if not positional_encoding_class(config.position_embedding_type).extrapolates:
         limits.append(config.max_position_embeddings)
     ids, mask = _text_probe(config.vocab_size, config.pad_token_id, min(limits), generator)
     if plan.family == "seq2seq":
@@ -821,7 +820,7 @@ def convert(
         seed: seeds the fresh initialisation of new tensors, so conversions are reproducible. A head the source
             class itself initialises (e.g. BertForQuestionAnswering's on a bare encoder) is drawn by that class
             under this seed and kept, so `set_seed(seed); SourceClass.from_pretrained(...)` starts identically.
-        **config_overrides: `HfAttentionConfig` fields (`attention_type="sparse"`, `position_embedding_type=
+        **config_overrides: `HfAttentionConfig` fields (`sparse_pattern="local"`, `position_embedding_type=
             "alibi"`, ...); tensors that still apply are kept, the rest are initialised and reported.
         return_report: return `(model, report)` instead of the model.
 
@@ -863,9 +862,7 @@ def convert(
         plan = _vision_plan(model, task)
     else:
         plan = _bart_plan(model, task)
-    settings = {**plan.config, **config_overrides}
-    if config_overrides.get("attention_type") == "rope" and "position_embedding_type" not in config_overrides:
-        settings["position_embedding_type"] = "rope"
+    settings = {**plan.config, **normalise_legacy_variant(dict(config_overrides))}
     config = HfAttentionConfig(**settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

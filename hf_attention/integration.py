@@ -4,8 +4,10 @@
 ``AttentionInterface`` and ``AttentionMaskInterface``:
 
 - ``"hf_attention_sparse"``: the sparse pattern of the model config (``config.hf_attention_sparse_*``),
-- ``"hf_attention_alibi"``: ALiBi, ``-slope_h * |i - j|`` added to the scores (BLOOM slopes),
-- ``"hf_attention_sparse_alibi"``: both.
+- ``"hf_attention_<bias>"`` for every parameter-free score-bias positional encoding of the registry (ALiBi,
+  ``-slope_h * |i - j|`` added to the scores with BLOOM's slopes: ``"hf_attention_alibi"``),
+- ``"hf_attention_sparse_<bias>"``: both.
+Variants with learned parameters (the registries' ``has_parameters``) are refused with the reason.
 
 Any model whose attention layers dispatch through ``ALL_ATTENTION_FUNCTIONS`` (BERT, ViT, BART, Llama, ...)
 can then use them::
@@ -38,16 +40,13 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.utils import logging
 
 from .attention_sparse import SparsePattern, make_sparse_pattern, sparse_attention
-from .positions_hf_attention import AlibiBias
+from .registry_hf_attention import ATTENTION_SCORES, POSITIONAL_ENCODINGS, PositionalEncoding
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "SPARSE_CONFIG_PREFIX",
     "SPARSE_DEFAULTS",
-    "alibi_attention_forward",
     "register",
-    "sparse_alibi_attention_forward",
-    "sparse_attention_forward",
     "sparse_pattern_from_config",
     "use_variant",
 ]
@@ -68,12 +67,21 @@ SPARSE_DEFAULTS: dict[str, Any] = {
 _DEFAULT_MAX_POSITIONS = 4096
 logger = logging.get_logger(__name__)
 
-# Variants that need trained weights transformers' models do not have: named in a clear error.
-_NEEDS_PARAMETERS = {
-    "additive": "additive (Bahdanau) scoring needs learned projections W_q, W_k and a vector v",
-    "relative": "T5-style relative position bias is a learned table (bucket x head)",
-    "learned": "learned absolute positions are an embedding table added to the inputs",
-}
+
+
+def _needs_parameters() -> dict[str, str]:
+    """Variants with learned tensors transformers' models do not have, with the first line of their docstring."""
+    out = {}
+    for registry in (ATTENTION_SCORES, POSITIONAL_ENCODINGS):
+        for name, cls in registry.items():
+            if cls.has_parameters:
+                out[name] = (cls.__doc__ or name).strip().splitlines()[0].rstrip(".")
+    return out
+
+
+def _free_score_biases() -> list[str]:
+    """Parameter-free score-bias positional encodings: each can be added to any model's scores."""
+    return [name for name, cls in POSITIONAL_ENCODINGS.items() if cls.provides_score_bias and not cls.has_parameters]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,8 +117,14 @@ def sparse_pattern_from_config(config: Any) -> SparsePattern:
 
 
 @functools.lru_cache(maxsize=16)
-def _alibi(num_heads: int) -> AlibiBias:
-    return AlibiBias(num_heads)
+def _score_bias(name: str, num_heads: int) -> PositionalEncoding:
+    """A parameter-free score-bias encoding for `num_heads` heads (it reads nothing else of a config)."""
+    return POSITIONAL_ENCODINGS[name].from_config(_Heads(num_heads))
+
+
+class _Heads:
+    def __init__(self, num_heads: int):
+        self.num_attention_heads = num_heads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,7 +213,7 @@ def _dense(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     pattern: SparsePattern | None,
-    bias_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    score_bias: Callable[[torch.Tensor], torch.Tensor] | None,
     causal: bool,
     scaling: float,
     dropout: float,
@@ -220,8 +234,8 @@ def _dense(
     if keep is not None:
         keep = keep | ~keep.any(-1, keepdim=True)  # padding queries with no key: finite garbage, never NaN
     attn_mask = keep
-    if bias_fn is not None:
-        bias = bias_fn(kv_pos - q_pos).movedim(0, 1).to(query.dtype)  # [B', H, Lq, Lk]
+    if score_bias is not None:
+        bias = score_bias(kv_pos - q_pos).movedim(0, 1).to(query.dtype)  # [B', H, Lq, Lk]
         if extra is not None:
             bias = bias + extra.to(query.dtype)
         attn_mask = bias if keep is None else bias.masked_fill(~keep, float("-inf"))
@@ -239,7 +253,7 @@ def _variant_attention(
     attention_mask: torch.Tensor | None,
     *,
     sparse: bool,
-    alibi: bool,
+    bias: str | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
@@ -262,70 +276,70 @@ def _variant_attention(
         key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     pattern = sparse_pattern_from_config(getattr(module, "config", None)) if sparse else None
-    bias_fn = _alibi(query.shape[1]) if alibi else None
+    score_bias = _score_bias(bias, query.shape[1]).score_bias if bias else None
 
     if pattern is not None and q_len == kv_len:
         usable, key_padding = _blocked_padding(attention_mask, pattern, causal, query.shape[0], q_len)
         if usable:
             out = sparse_attention(
-                query, key, value, pattern, causal=causal, key_padding_mask=key_padding, bias_fn=bias_fn,
+                query, key, value, pattern, causal=causal, key_padding_mask=key_padding, score_bias=score_bias,
                 scaling=scaling, dropout=dropout, training=dropout > 0,
             )
             return out, None
-    return _dense(query, key, value, attention_mask, pattern, bias_fn, causal, scaling, dropout), None
+    return _dense(query, key, value, attention_mask, pattern, score_bias, causal, scaling, dropout), None
 
 
-def sparse_attention_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
-    """``hf_attention_sparse``: the config's sparse pattern on self-attention; blocked kernel where it applies."""
-    return _variant_attention(module, query, key, value, attention_mask, sparse=True, alibi=False, **kwargs)
+def _attention_function(sparse: bool, bias: str | None) -> Callable[..., tuple[torch.Tensor, None]]:
+    def forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+        return _variant_attention(module, query, key, value, attention_mask, sparse=sparse, bias=bias, **kwargs)
+
+    forward.__name__ = f"{_name(sparse, bias)}_attention_forward"
+    forward.__doc__ = (f"``hf_attention_{_name(sparse, bias)}``: " + " with ".join(
+        part for part in ("the config's sparse pattern" if sparse else "", f"the {bias} score bias" if bias else "")
+        if part) + " on self-attention; blocked kernel where it applies.")
+    return forward
 
 
-def alibi_attention_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
-    """``hf_attention_alibi``: scores + ``-slope_h * |i - j|`` on self-attention (causal: under the causal mask)."""
-    return _variant_attention(module, query, key, value, attention_mask, sparse=False, alibi=True, **kwargs)
+def _name(sparse: bool, bias: str | None) -> str:
+    return "_".join(part for part in ("sparse" if sparse else "", bias or "") if part)
 
 
-def sparse_alibi_attention_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
-    """``hf_attention_sparse_alibi``: the sparse pattern with the ALiBi bias."""
-    return _variant_attention(module, query, key, value, attention_mask, sparse=True, alibi=True, **kwargs)
+def _variants() -> dict[str, tuple[bool, str | None]]:
+    """short name -> (sparse, score-bias encoding): the pattern, each free score bias, and each with the pattern."""
+    combos = [(True, None)] + [(sparse, bias) for bias in _free_score_biases() for sparse in (False, True)]
+    return {_name(sparse, bias): (sparse, bias) for sparse, bias in combos}
 
 
-# --------------------------------------------------------------------------------------------------
-# Registration and the user-facing helper
-# --------------------------------------------------------------------------------------------------
-
-# short variant name -> registered attn_implementation name
-ATTENTION_IMPLEMENTATIONS: dict[str, str] = {
-    "sparse": "hf_attention_sparse",
-    "alibi": "hf_attention_alibi",
-    "sparse_alibi": "hf_attention_sparse_alibi",
-}
-_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, None]]] = {
-    "hf_attention_sparse": sparse_attention_forward,
-    "hf_attention_alibi": alibi_attention_forward,
-    "hf_attention_sparse_alibi": sparse_alibi_attention_forward,
-}
-_ALIASES = {"sparse+alibi": "sparse_alibi", "sparse-alibi": "sparse_alibi"}
+# short variant name -> registered attn_implementation name, and name -> function (filled by `register`)
+ATTENTION_IMPLEMENTATIONS: dict[str, str] = {}
+_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, None]]] = {}
 
 
 def register() -> None:
-    """Register every variant and its mask function (sdpa's boolean masks); idempotent."""
+    """Register every variant the registries allow, and its mask function (sdpa's boolean masks); idempotent."""
+    for short, (sparse, bias) in _variants().items():
+        name = f"hf_attention_{short}"
+        ATTENTION_IMPLEMENTATIONS[short] = name
+        if name not in _FUNCTIONS:
+            _FUNCTIONS[name] = _attention_function(sparse, bias)
     for name, fn in _FUNCTIONS.items():
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def _resolve(variant: str) -> str:
-    short = _ALIASES.get(variant, variant)
+    register()
+    short = variant.replace("+", "_").replace("-", "_") if isinstance(variant, str) else variant
     if short in ATTENTION_IMPLEMENTATIONS:
         return ATTENTION_IMPLEMENTATIONS[short]
     if short in _FUNCTIONS:
         return short
     choices = ", ".join(repr(name) for name in ATTENTION_IMPLEMENTATIONS)
     base = short.removeprefix("hf_attention_") if isinstance(short, str) else short
-    if base in _NEEDS_PARAMETERS:
+    needs = _needs_parameters()
+    if base in needs:
         raise ValueError(
-            f"Variant {variant!r} cannot be added to an existing model: {_NEEDS_PARAMETERS[base]}, which "
+            f"Variant {variant!r} cannot be added to an existing model: {needs[base]} has learned parameters, which "
             f"transformers' models do not have. Parameter-free choices: {choices}. Use HfAttentionConfig("
             f"attention_type/position_embedding_type={base!r}) to train a model with it."
         )
@@ -343,7 +357,8 @@ def _configs(model: PreTrainedModel) -> list[PreTrainedConfig]:
 
 
 def use_variant(model: PreTrainedModel, variant: str, **params: Any) -> PreTrainedModel:
-    """Switch ``model`` to ``variant`` ("sparse", "alibi", "sparse_alibi"); sparse options go on its config.
+    """Switch ``model`` to ``variant`` (a key of ``ATTENTION_IMPLEMENTATIONS``: "sparse", "alibi", "sparse_alibi");
+    sparse options go on its config.
 
     ``params`` are the sparse options (``pattern``, ``window_size``, ``block_size``, ``stride``,
     ``num_global_tokens``, ``num_random_blocks``, ``seed``, ``max_positions``), stored as

@@ -8,8 +8,6 @@ The scoring algorithm is `config.attention_type`; the kernel is `config._attn_im
 import dataclasses
 import re
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,136 +29,21 @@ from transformers.modeling_outputs import (
     Seq2SeqModelOutput,
     SequenceClassifierOutput,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention_additive import additive_attention
-from .attention_sparse import SparsePattern, flex_sparse_attention, make_sparse_pattern, sparse_attention
+from .attention_sparse import pattern_from_config
 from .cache_names import cache_field, output_cache, resolve_cache
 from .configuration_hf_attention import HfAttentionConfig
-from .positions_hf_attention import (
-    LearnedPositionalEmbedding,
-    RotaryEmbedding,
-    SinusoidalPositionalEmbedding,
-    apply_rotary,
-    build_bias_module,
-)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    position_bias: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(QK^T * scaling + mask + bias) V, with the probabilities returned (output_attentions)."""
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    if position_bias is not None:
-        scores = scores + position_bias
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return out, probs
-
-
-@dataclass
-class AttentionInputs:
-    """What every layer of one stack shares in a forward pass: masks, positions, rotary tables, biases.
-
-    Built once per forward by the stack; dense masks and biases are computed lazily and cached here so
-    layers that need them share one tensor and the fast kernels never build them.
-    """
-
-    q_positions: torch.Tensor  # [B|1, Lq] position ids of the queries
-    k_positions: torch.Tensor  # [B|1, Lk] position ids of the keys
-    key_padding_mask: torch.Tensor | None  # bool [B, Lk], True = real token; None = no padding
-    causal: bool = False
-    q_offset: int = 0  # index of the first query in the key sequence (cached decoding)
-    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for the queries
-    rotary_keys: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for the new keys (same as queries)
-    bias_module: nn.Module | None = None
-    pattern: SparsePattern | None = None
-    # False under gradient checkpointing: each layer then computes the score bias inside its checkpointed
-    # region, so the recomputation matches and the bias parameters get their gradient (one shared tensor,
-    # built in the first layer's region, would be a stale no-grad copy or a recompute mismatch).
-    share_bias: bool = True
-    _cache: dict = field(default_factory=dict)
-
-    @property
-    def q_len(self) -> int:
-        return self.q_positions.shape[-1]
-
-    @property
-    def k_len(self) -> int:
-        return self.k_positions.shape[-1]
-
-    def bool_mask(self, device: torch.device) -> torch.Tensor | None:
-        """[B|1, 1, Lq, Lk] True = attend (pattern, causality, padding), or None when everything attends."""
-        if "bool" in self._cache:
-            return self._cache["bool"]
-        mask = None
-        q_idx = torch.arange(self.q_len, device=device) + self.q_offset
-        k_idx = torch.arange(self.k_len, device=device)
-        causal = q_idx[:, None] >= k_idx[None, :]
-        if self.pattern is not None:
-            # On positions, not slots: padding cannot move blocks or make pad tokens global.
-            mask = self.pattern.position_mask(
-                self.q_positions.to(device), self.k_positions.to(device), self.causal
-            )[:, None]
-            mask = mask & causal if self.causal else mask
-        elif self.causal and (self.q_len > 1 or self.q_offset + 1 != self.k_len):
-            mask = causal[None, None]
-        if self.key_padding_mask is not None:
-            pad = self.key_padding_mask[:, None, None, :].to(device=device, dtype=torch.bool)
-            mask = pad if mask is None else mask & pad
-        self._cache["bool"] = mask
-        return mask
-
-    def float_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-        key = ("float", dtype)
-        if key not in self._cache:
-            mask = self.bool_mask(device)
-            self._cache[key] = (
-                None
-                if mask is None
-                else torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-            )
-        return self._cache[key]
-
-    def relative_positions(self) -> torch.Tensor:
-        """k_pos - q_pos, [B|1, Lq, Lk]."""
-        return self.k_positions[:, None, :] - self.q_positions[:, :, None]
-
-    def position_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """[B|1, H, Lq, Lk] score bias of ALiBi / relative positions (recomputed per stack, shared by layers)."""
-        if self.bias_module is None:
-            return None
-        key = ("bias", dtype)
-        if key in self._cache:
-            return self._cache[key]
-        bias = self.bias_module(self.relative_positions()).permute(1, 0, 2, 3).to(dtype)  # [B|1, H, Lq, Lk]
-        if self.share_bias:
-            self._cache[key] = bias
-        return bias
-
-    def bias_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return None if self.bias_module is None else self.bias_module
+from .positions_hf_attention import apply_rotary, positional_encoding_class
+from .scores_hf_attention import AttentionInputs, AttentionScore, attention_score_class
 
 
 class HfAttentionAttention(nn.Module):
-    """Multi-head attention whose scoring (standard/rope/sparse/additive) comes from the config.
+    """Multi-head attention: project, rotate, cache, score (`config.attention_type`), output projection.
 
     Self-attention when `is_cross_attention` is False; cross-attention reads keys/values from the
     encoder states and caches them once per generation.
@@ -177,23 +60,20 @@ class HfAttentionAttention(nn.Module):
         self.is_cross_attention = is_cross_attention
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
         self.attention_type = config.attention_type
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
-        if self.attention_type == "additive":
-            # Bahdanau scoring per head: score = v^T tanh(W_q q + W_k k + b).
-            a = config.additive_hidden_size
-            self.additive_w_q = nn.Parameter(torch.empty(self.num_heads, self.head_dim, a))
-            self.additive_w_k = nn.Parameter(torch.empty(self.num_heads, self.head_dim, a))
-            self.additive_b = nn.Parameter(torch.empty(self.num_heads, a))
-            self.additive_v = nn.Parameter(torch.empty(self.num_heads, a))
+        self.score = attention_score_class(config.attention_type)(config)
+
+    @property
+    def scaling(self) -> float:
+        return self.score.scaling
 
     def _shape(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        return x.view(x.shape[0], x.shape[1], -1, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -206,93 +86,37 @@ class HfAttentionAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, q_len, _ = hidden_states.shape
         query = self._shape(self.q_proj(hidden_states))
-
-        full_cache = cache
-        if isinstance(cache, EncoderDecoderCache):
-            cache = cache.cross_attention_cache if self.is_cross_attention else cache.self_attention_cache
         if self.is_cross_attention:
-            is_updated = isinstance(full_cache, EncoderDecoderCache) and full_cache.is_updated.get(self.layer_idx)
-            if cache is not None and is_updated:
-                key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
-            else:
-                key = self._shape(self.k_proj(key_value_states))
-                value = self._shape(self.v_proj(key_value_states))
-                if cache is not None:
-                    key, value = cache.update(key, value, self.layer_idx)
-                    full_cache.is_updated[self.layer_idx] = True
+            key, value = self._cross_keys_values(key_value_states, cache)
         else:
             key = self._shape(self.k_proj(hidden_states))
             value = self._shape(self.v_proj(hidden_states))
             if inputs.rotary is not None:
                 query = apply_rotary(query, *inputs.rotary)
                 key = apply_rotary(key, *inputs.rotary_keys)
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx)
-
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
-        impl = self.config._attn_implementation or "sdpa"
-        weights = None
-        if self.attention_type == "additive":
-            bias = inputs.float_mask(query.dtype, query.device)
-            pos_bias = inputs.position_bias(query.dtype)
-            if pos_bias is not None:
-                bias = pos_bias if bias is None else bias + pos_bias
-            out, weights = additive_attention(
-                query, key, value, self.additive_w_q, self.additive_w_k, self.additive_b, self.additive_v,
-                attention_bias=bias, dropout=dropout, training=self.training, output_attentions=output_attentions,
-            )
-        elif self._use_sparse_kernel(inputs, impl, output_attentions, query, key):
-            if impl == "flex_attention" and query.device.type == "cuda":
-                out = flex_sparse_attention(
-                    query, key, value, inputs.pattern, causal=inputs.causal,
-                    key_padding_mask=inputs.key_padding_mask, bias_fn_mod=self._flex_bias_mod(inputs),
-                    scaling=self.scaling, pattern_positions=inputs.q_positions,
-                )
-            else:
-                out = sparse_attention(
-                    query, key, value, inputs.pattern, causal=inputs.causal,
-                    key_padding_mask=inputs.key_padding_mask, bias_fn=inputs.bias_fn(),
-                    positions=inputs.q_positions, scaling=self.scaling, dropout=dropout, training=self.training,
-                    pattern_positions=inputs.q_positions,
-                )
-        else:
-            if output_attentions:
-                impl = "eager"
-            interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-            if impl == "eager":
-                interface = eager_attention_forward
-            out, weights = interface(
-                self, query, key, value,
-                attention_mask=inputs.float_mask(query.dtype, query.device),
-                position_bias=inputs.position_bias(query.dtype),
-                scaling=self.scaling, dropout=dropout,
-                is_causal=inputs.causal and not self.is_cross_attention,
-            )
+        out, weights = self.score(self, query, key, value, inputs, dropout=dropout, output_attentions=output_attentions)
         out = out.reshape(batch, q_len, -1).contiguous()
         return self.out_proj(out), (weights if output_attentions else None)
 
-    def _use_sparse_kernel(self, inputs: AttentionInputs, impl: str, output_attentions: bool, query, key) -> bool:
-        """The block-skipping kernels serve full forwards; probabilities and cached decoding use the dense mask."""
-        return (
-            inputs.pattern is not None
-            and not self.is_cross_attention
-            and not output_attentions
-            and impl != "eager"
-            and inputs.q_offset == 0
-            and query.shape[-2] == key.shape[-2]
-        )
-
-    def _flex_bias_mod(self, inputs: AttentionInputs):
-        if inputs.bias_module is None:
-            return None
-        positions = inputs.q_positions
-        bias_module = inputs.bias_module
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            pos_b = positions[b if positions.shape[0] > 1 else 0]
-            return score + bias_module(pos_b[kv_idx] - pos_b[q_idx])[h].to(score.dtype)
-
-        return score_mod
+    def _cross_keys_values(self, key_value_states: torch.Tensor, cache: Cache | None):
+        """Encoder keys/values, projected once per generation and then read from the cross-attention cache."""
+        full_cache = cache
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.cross_attention_cache
+        is_updated = isinstance(full_cache, EncoderDecoderCache) and full_cache.is_updated.get(self.layer_idx)
+        if cache is not None and is_updated:
+            return cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+        key = self._shape(self.k_proj(key_value_states))
+        value = self._shape(self.v_proj(key_value_states))
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+            full_cache.is_updated[self.layer_idx] = True
+        return key, value
 
 
 class HfAttentionMLP(nn.Module):
@@ -367,6 +191,16 @@ FAMILIES = {
 _FAMILY_OF = {name: family for family, names in FAMILIES.items() for name in names}
 _FAMILY_TEXT = {"encoder": "a text encoder", "decoder": "a decoder-only language model",
                 "seq2seq": "an encoder-decoder", "vision": "a vision encoder"}
+
+
+# Checkpoints saved before the three-axes config (scoring, pattern, positions as separate objects) keep loading:
+# the scoring parameters now live in `*.score`, the stack's score-bias encoding in `score_bias`, and the vision
+# table is a module with a `weight`. Applied on load only; saving writes the current layout.
+LEGACY_KEY_RENAMINGS = (
+    (r"(^|\.)position_bias\.relative_attention_bias\.weight$", r"\1score_bias.relative_attention_bias.weight"),
+    (r"\.additive_(w_q|w_k|b|v)$", r".score.\1"),
+    (r"(^|\.)embeddings\.position_embeddings$", r"\1embeddings.position_embeddings.weight"),
+)
 
 
 def model_family(cls: type) -> str | None:
@@ -479,6 +313,12 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
                 f"({_FAMILY_TEXT[source]}); the rest is not used or initialised. Load it with one of "
                 f"{', '.join(FAMILIES[source])} for the whole model."
             )
+        legacy = [WeightRenaming(source_patterns=src, target_patterns=dst) for src, dst in LEGACY_KEY_RENAMINGS
+                  if keys is None or any(re.search(src, key) for key in keys)]
+        if legacy:
+            added += legacy
+            mapping = legacy + list(load_config.weight_mapping or [])
+            load_config = dataclasses.replace(load_config, weight_mapping=mapping)
         result = PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
         if added:  # saving must not undo the mapping: the model is now a checkpoint of its own layout
             model._weight_conversions = [c for c in getattr(model, "_weight_conversions", []) or []
@@ -496,11 +336,8 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, HfAttentionAttention) and module.attention_type == "additive":
-            init.normal_(module.additive_w_q, mean=0.0, std=module.head_dim**-0.5)
-            init.normal_(module.additive_w_k, mean=0.0, std=module.head_dim**-0.5)
-            init.zeros_(module.additive_b)
-            init.normal_(module.additive_v, mean=0.0, std=module.additive_v.shape[-1] ** -0.5)
+        if isinstance(module, AttentionScore):
+            module.init_weights(self.config)
         elif isinstance(module, HfAttentionLMHead):
             init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
@@ -533,12 +370,8 @@ class HfAttentionEmbeddings(nn.Module):
             if use_token_types and config.type_vocab_size > 0
             else None
         )
-        kind = config.position_embedding_type
-        self.position_embeddings: nn.Module | None = None
-        if kind == "learned":
-            self.position_embeddings = LearnedPositionalEmbedding(config.max_position_embeddings, config.hidden_size)
-        elif kind == "sinusoidal":
-            self.position_embeddings = SinusoidalPositionalEmbedding(config.hidden_size)
+        positions = positional_encoding_class(config.position_embedding_type)
+        self.position_embeddings = positions.from_config(config) if positions.adds_to_embeddings else None
         self.embed_scale = config.hidden_size**0.5 if config.scale_embedding else 1.0
         self.layer_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "post" else None
@@ -560,22 +393,13 @@ class HfAttentionEmbeddings(nn.Module):
                 f"position_ids has batch size {position_ids.shape[0]} but the input has {batch_size}; give one row "
                 "per sequence, or a single row shared by the batch."
             )
-        if isinstance(self.position_embeddings, nn.Embedding) and position_ids.numel():
-            size = self.position_embeddings.num_embeddings
-            bad = position_ids[(position_ids < 0) | (position_ids >= size)]
-            if bad.numel():  # name the offending id itself (a negative one is not "past the end")
-                raise ValueError(
-                    f"position id {int(bad[0])} is outside the learned position table of size {size} "
-                    f"(max_position_embeddings): ids must be in [0, {size - 1}]. Truncate the input to {size} "
-                    "tokens, or use a positional type that extrapolates: 'sinusoidal', 'rope', 'alibi', 'relative'."
-                )
         embeddings = inputs_embeds * self.embed_scale
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         if self.position_embeddings is not None:
-            embeddings = embeddings + self.position_embeddings(position_ids).to(embeddings.dtype)
+            embeddings = embeddings + self.position_embeddings.embedding(position_ids).to(embeddings.dtype)
         if self.layer_norm is not None:
             embeddings = self.layer_norm(embeddings)
         return self.dropout(embeddings)
@@ -599,22 +423,13 @@ class HfAttentionStackMixin:
     """Shared by encoder and decoder stacks: builds the per-forward AttentionInputs."""
 
     def _build_positional(self, config: HfAttentionConfig, bidirectional: bool) -> None:
-        self.rotary_emb = (
-            RotaryEmbedding(config.head_dim, config.rope_theta) if config.position_embedding_type == "rope" else None
-        )
-        self.position_bias = build_bias_module(config, bidirectional=bidirectional)
-        self.sparse_pattern = None
-        if config.attention_type == "sparse":
-            self.sparse_pattern = make_sparse_pattern(
-                config.sparse_pattern,
-                window_size=config.sparse_window_size,
-                block_size=config.sparse_block_size,
-                stride=config.sparse_stride,
-                num_global_tokens=config.sparse_num_global_tokens,
-                num_random_blocks=config.sparse_num_random_blocks,
-                seed=config.sparse_seed,
-                max_positions=config.max_position_embeddings,
-            )
+        """The stack's share of the variant: a rotary or score-bias encoding (absolute ones live in the
+        embeddings) and the sparse pattern."""
+        positions = positional_encoding_class(config.position_embedding_type)
+        encoding = None if positions.adds_to_embeddings else positions.from_config(config, bidirectional)
+        self.rotary_emb = encoding if positions.rotates_queries_and_keys else None
+        self.score_bias = encoding if positions.provides_score_bias else None
+        self.sparse_pattern = pattern_from_config(config)
 
     def _attention_inputs(
         self,
@@ -647,9 +462,7 @@ class HfAttentionStackMixin:
             _check_mask_batch("attention_mask", attention_mask, batch_size)
             if not bool(attention_mask.all()):
                 key_padding_mask = attention_mask.to(torch.bool)
-        rotary = None
-        if self.rotary_emb is not None:
-            rotary = self.rotary_emb(position_ids, dtype=torch.float32)
+        rotary = self.rotary_emb.rotary_tables(position_ids) if self.rotary_emb is not None else None
         return AttentionInputs(
             q_positions=position_ids,
             k_positions=k_positions,
@@ -658,7 +471,7 @@ class HfAttentionStackMixin:
             q_offset=past_length,
             rotary=rotary,
             rotary_keys=rotary,
-            bias_module=self.position_bias,
+            positions=self.score_bias,
             pattern=self.sparse_pattern,
             share_bias=not _checkpointing(self),
         )

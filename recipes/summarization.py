@@ -47,6 +47,7 @@ from hf_attention.training.metrics import (
 )
 from hf_attention.training.runner import RecipeRunner, make_accelerator, model_card
 from hf_attention.training.setup import build_model, load_raw_datasets, select_samples, shared_tokenizer
+from hf_attention.variants import position_table_length
 
 TASK = "summarization"
 SPLIT_FLAGS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
@@ -273,10 +274,9 @@ def make_model(args: argparse.Namespace, tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if config.decoder_start_token_id is None:
         raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: config.decoder_start_token_id is not set")
-    learned = (config.position_embedding_type == "learned" if isinstance(config, HfAttentionConfig)
-               else getattr(config, "max_position_embeddings", None) is not None)
-    limit = getattr(config, "max_position_embeddings", None)
-    if learned and limit is not None:
+    limit = (position_table_length(config) if isinstance(config, HfAttentionConfig)
+             else getattr(config, "max_position_embeddings", None))
+    if limit is not None:
         for flag in ("max_source_length", "max_target_length", "val_max_target_length"):
             if getattr(args, flag) > limit:
                 raise SystemExit(f"--{flag} {getattr(args, flag)} exceeds the model's max_position_embeddings={limit} "

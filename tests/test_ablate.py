@@ -26,27 +26,27 @@ def test_sweep_runs_cells_survives_a_failure_skips_finished_ones_resumes_unfinis
             "--seeds", "0,1", "--output_dir", str(out), "--sweep_name", "unit", "--"] + TINY
     assert ablate.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "standard+learned-seed0: done" in printed and "rope+rope-seed1: failed" in printed
-    assert (out / "rope+rope-seed0" / "FAILED").exists()
-    assert "rope" in (out / "rope+rope-seed0" / "launch.log").read_text()
-    # The grid is honest: rope x learned was requested and runs as rope+rope; that is said, not hidden.
-    assert "rope+learned -> rope+rope (folded" in printed
-    assert "rope+learned -> rope+rope (folded" in (out / "results.md").read_text()
+    assert "standard+learned-seed0: done" in printed and "standard+rope-seed1: failed" in printed
+    assert (out / "standard+rope-seed0" / "FAILED").exists()
+    assert "rope" in (out / "standard+rope-seed0" / "launch.log").read_text()
+    # The grid is honest: rope x learned was requested and runs as standard+rope; that is said, not hidden.
+    assert "rope+learned -> standard+rope (folded" in printed
+    assert "rope+learned -> standard+rope (folded" in (out / "results.md").read_text()
     grid_notes = json.loads((out / "grid.json").read_text())["not_run_as_requested"]
-    assert grid_notes == [{"requested": "rope+learned", "status": "folded", "runs_as": "rope+rope",
+    assert grid_notes == [{"requested": "rope+learned", "status": "folded", "runs_as": "standard+rope",
                            "reason": "attention_type 'rope' implies position_embedding_type 'rope'"}]
 
     # results.csv holds numbers: mean and std of the validation and test metrics over seeds.
     rows = {row["variant"]: row for row in csv.DictReader((out / "results.csv").open())}
-    assert set(rows) == {"standard+learned", "rope+rope"}
+    assert set(rows) == {"standard+learned", "standard+rope"}
     results = [json.loads((out / f"standard+learned-seed{s}" / "all_results.json").read_text()) for s in (0, 1)]
     for metric in ("eval_accuracy", "test_accuracy"):
         values = [r[metric] for r in results]
         assert float(rows["standard+learned"][f"{metric}_mean"]) == statistics.mean(values)
         assert float(rows["standard+learned"][f"{metric}_std"]) == statistics.stdev(values)
     assert float(rows["standard+learned"]["train_runtime_mean"]) == statistics.mean(r["train_runtime"] for r in results)
-    assert rows["standard+learned"]["seeds"] == "2" and rows["rope+rope"]["failed_seeds"] == "0 1"
-    assert rows["rope+rope"]["eval_accuracy_mean"] == "" and rows["rope+rope"]["seeds"] == "0"
+    assert rows["standard+learned"]["seeds"] == "2" and rows["standard+rope"]["failed_seeds"] == "0 1"
+    assert rows["standard+rope"]["eval_accuracy_mean"] == "" and rows["standard+rope"]["seeds"] == "0"
     assert int(rows["standard+learned"]["num_parameters"]) == results[0]["num_parameters"] > 0
     markdown = (out / "results.md").read_text()
     assert "| standard+learned | 2 |" in markdown and "test_accuracy" in markdown
@@ -78,28 +78,31 @@ def test_grid_and_bad_names():
     cells, notes = ablate.plan(args)
     assert cells == ablate.grid(args)
     names = {(c["variant"], c["seed"]) for c in cells}
-    assert len(cells) == (2 * 2 + 1) * 2
-    assert ("sparse-block+none", 2) in names and ("rope+rope", 1) in names
+    # The first release's names: "sparse" is standard scoring on each pattern; "rope" fixes rotary positions
+    # (and, like every scoring function now, takes the requested patterns).
+    assert len(cells) == (2 * 2 + 2) * 2
+    assert ("standard-block+none", 2) in names and ("standard-local+rope", 1) in names
     assert [(n["requested"], n["status"], n.get("runs_as")) for n in notes] == [
-        ("rope+alibi", "folded", "rope+rope"), ("rope+none", "folded", "rope+rope")]
+        ("rope-local+alibi", "folded", "standard-local+rope"), ("rope-local+none", "folded", "standard-local+rope"),
+        ("rope-block+alibi", "folded", "standard-block+rope"), ("rope-block+none", "folded", "standard-block+rope")]
     assert recipe_args == ["--max_train_steps", "2"]
     # Every seed of a variant gets the same data split.
     commands = [ablate.cell_command(args, c, Path("x") / c["variant"], recipe_args) for c in cells]
     assert {cmd[cmd.index("--data_seed") + 1] for cmd in commands} == {"0"}
     assert {cmd[cmd.index("--seed") + 1] for cmd in commands} == {"1", "2"}
     with pytest.raises(SystemExit):
-        ablate.parse_args(["--task", "summarization", "--attention_types", "linear", "--output_dir", "x"])
+        ablate.parse_args(["--task", "summarization", "--attention_types", "dense", "--output_dir", "x"])
 
 
 def test_grid_lists_impossible_and_unused_requests(monkeypatch):
-    class PickyConfig:  # a config that rejects one combination, as a future variant's validation might
-        def __init__(self, attention_type, position_embedding_type, **kwargs):
-            if (attention_type, position_embedding_type) == ("additive", "relative"):
-                raise ValueError("position_embedding_type='relative' is not valid with attention_type='additive'")
+    def picky(attention_type, position_embedding_type, sparse_pattern=None):  # as a variant's validation might
+        if (attention_type, position_embedding_type) == ("additive", "relative"):
+            return "position_embedding_type='relative' is not valid with attention_type='additive'"
+        return None
 
-    monkeypatch.setattr(ablate, "HfAttentionConfig", PickyConfig)
+    monkeypatch.setattr(ablate, "refusal", picky)
     args, _ = ablate.parse_args(["--task", "summarization", "--attention_types", "standard,additive,additive",
-                                 "--position_types", "relative,alibi", "--sparse_patterns", "block",
+                                 "--position_types", "relative,alibi",
                                  "--seeds", "0,0,1", "--output_dir", "x"])
     cells, notes = ablate.plan(args)
     assert [(c["variant"], c["seed"]) for c in cells] == [
@@ -107,4 +110,9 @@ def test_grid_lists_impossible_and_unused_requests(monkeypatch):
         ("additive+alibi", 0), ("additive+alibi", 1)]
     assert notes[0]["requested"] == "additive+relative" and notes[0]["status"] == "impossible"
     assert "not valid with attention_type='additive'" in notes[0]["reason"]
-    assert notes[1]["status"] == "unused" and "--sparse_patterns block" in notes[1]["requested"]
+    assert len(notes) == 1
+    # Patterns apply to every scoring function; "none" is the dense cell.
+    args, _ = ablate.parse_args(["--task", "summarization", "--attention_types", "standard,additive",
+                                 "--position_types", "alibi", "--sparse_patterns", "none,block", "--output_dir", "x"])
+    assert [c["variant"] for c in ablate.plan(args)[0]] == [
+        "standard+alibi", "standard-block+alibi", "additive+alibi", "additive-block+alibi"]

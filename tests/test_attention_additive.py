@@ -104,7 +104,7 @@ def test_attention_matches_reference_forward_and_grads(case, bias_kind, chunk_by
         "causal": causal_bias(lq, lk),
     }[bias_kind]
     out, probs = additive_attention(
-        **inp, attention_bias=bias, output_attentions=True, backend="eager", chunk_bytes=chunk_bytes
+        **inp, attention_mask=bias, output_attentions=True, backend="eager", chunk_bytes=chunk_bytes
     )
     ref_out, ref_probs = reference_attention(**inp, bias=bias)
     assert out.shape == (b, lq, h, inp["value"].shape[-1])
@@ -123,7 +123,7 @@ def test_learned_bias_gets_gradients():
     inp = make(lq=4, lk=6)
     inp["bias"] = (torch.randn(1, 3, 4, 6, dtype=F64) * 0.5).requires_grad_()
     out, _ = additive_attention(
-        **{k: t for k, t in inp.items() if k != "bias"}, attention_bias=inp["bias"], backend="eager"
+        **{k: t for k, t in inp.items() if k != "bias"}, attention_mask=inp["bias"], backend="eager"
     )
     ref_out, _ = reference_attention(**inp)
     torch.testing.assert_close(out, ref_out)
@@ -194,7 +194,7 @@ def test_fully_masked_row_finfo_min_is_uniform_and_finite():
     inp = make(b=2, lq=4, lk=6)
     bias = torch.zeros(2, 1, 4, 6, dtype=F64)
     bias[1, 0, 2, :] = torch.finfo(F64).min  # one query row sees no key at all
-    out, probs = additive_attention(**inp, attention_bias=bias, output_attentions=True, backend="eager")
+    out, probs = additive_attention(**inp, attention_mask=bias, output_attentions=True, backend="eager")
     ref_out, ref_probs = reference_attention(**inp, bias=bias)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(probs[1, :, 2], torch.full((3, 6), 1 / 6, dtype=F64))
@@ -207,7 +207,7 @@ def test_fully_masked_row_neg_inf_gives_zeros_not_nan():
     bias = torch.zeros(2, 3, 4, 6, dtype=F64)
     bias[:, :, :, 4:] = float("-inf")  # two padded keys everywhere
     bias[0, 1, 3, :] = float("-inf")  # and one dead row
-    out, probs = additive_attention(**inp, attention_bias=bias, output_attentions=True, backend="eager")
+    out, probs = additive_attention(**inp, attention_mask=bias, output_attentions=True, backend="eager")
     assert torch.isfinite(out).all() and torch.isfinite(probs).all()
     assert (probs[0, 1, 3] == 0).all() and (out[0, 3, 1] == 0).all()
     alive = bias.clone()
@@ -224,10 +224,10 @@ def test_bool_mask_follows_sdpa_convention():
     inp = make(lq=3, lk=5)
     keep = torch.rand(2, 1, 3, 5) > 0.3
     keep[..., 0] = True
-    out_bool, _ = additive_attention(**inp, attention_bias=keep, backend="eager")
+    out_bool, _ = additive_attention(**inp, attention_mask=keep, backend="eager")
     out_float, _ = additive_attention(
         **inp,
-        attention_bias=torch.zeros(keep.shape, dtype=F64).masked_fill(~keep, float("-inf")),
+        attention_mask=torch.zeros(keep.shape, dtype=F64).masked_fill(~keep, float("-inf")),
         backend="eager",
     )
     torch.testing.assert_close(out_bool, out_float)
@@ -238,7 +238,7 @@ def test_low_precision_inputs(dtype):
     inp64 = make(lq=4, lk=6, d=8, a=8, dv=8)
     inp = {k: (t.detach().to(dtype).requires_grad_() if t is not None else None) for k, t in inp64.items()}
     bias = padding_bias(2, 4, 6, dtype=dtype)
-    out, probs = additive_attention(**inp, attention_bias=bias, output_attentions=True, backend="eager")
+    out, probs = additive_attention(**inp, attention_mask=bias, output_attentions=True, backend="eager")
     assert out.dtype == dtype and probs.dtype == dtype
     ref_out, _ = reference_attention(
         **{k: (t.detach().to(F64) if t is not None else None) for k, t in inp.items()},
@@ -391,7 +391,7 @@ def test_compiled_path_small(monkeypatch):
         torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5)
     inp = make(lq=4, lk=6, d=8, a=8, dtype=torch.float32)
     bias = padding_bias(2, 4, 6, dtype=torch.float32)
-    out, _ = additive_attention(**inp, attention_bias=bias, backend="compile")  # in-place bias add
+    out, _ = additive_attention(**inp, attention_mask=bias, backend="compile")  # in-place bias add
     ref_out, _ = reference_attention(**inp, bias=bias)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     print(f"compiled fwd+bwd first call: {time.perf_counter() - start:.1f} s")

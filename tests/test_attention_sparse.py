@@ -191,7 +191,7 @@ def run_case(
     if positions is not None:
         positions = torch.randint(1, 4, (batch if positions == "batch" else 1, seq_len)).cumsum(1)
     bias_fn, table = relative_bias(heads) if with_bias else (None, None)
-    kwargs = dict(causal=causal, key_padding_mask=pad, bias_fn=bias_fn, positions=positions, scaling=scaling)
+    kwargs = dict(causal=causal, key_padding_mask=pad, score_bias=bias_fn, positions=positions, scaling=scaling)
     out = sp.sparse_attention(q, k, v, pattern, **kwargs)
     ref = reference(q, k, v, pattern, causal, pad, bias_fn, positions, scaling)
     assert out.shape == (batch, seq_len, heads, dim)
@@ -267,9 +267,9 @@ def test_padding_invariance(force_blocked, name):
         pad[b, :n] = True
     bias_fn, _ = alibi_like(heads)
     for causal in (False, True):
-        out = sp.sparse_attention(*batch, pattern, causal=causal, key_padding_mask=pad, bias_fn=bias_fn)
+        out = sp.sparse_attention(*batch, pattern, causal=causal, key_padding_mask=pad, score_bias=bias_fn)
         for b, (x, n) in enumerate(zip(seqs, lengths)):
-            alone = sp.sparse_attention(*x, pattern, causal=causal, bias_fn=bias_fn)
+            alone = sp.sparse_attention(*x, pattern, causal=causal, score_bias=bias_fn)
             torch.testing.assert_close(out[b, :n], alone[0])
 
 
@@ -347,7 +347,7 @@ def test_device_agnostic_on_meta(monkeypatch, blocked):
             causal=True,
             key_padding_mask=pad,
             positions=pos,
-            bias_fn=lambda rel: table[:, rel.clamp(-4, 4) + 4],
+            score_bias=lambda rel: table[:, rel.clamp(-4, 4) + 4],
         )
         out.sum().backward()
         assert out.device.type == "meta" and q.grad.device.type == "meta"
@@ -391,9 +391,6 @@ def test_flex_forward_matches_dense(name):
     pad[1, 150:] = False
     slopes = torch.tensor([0.5, 0.25])
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score - slopes[h] * (kv_idx - q_idx).abs()
-
     def bias_fn(rel):
         return -slopes.view(-1, *[1] * rel.dim()) * rel.abs()
 
@@ -403,7 +400,7 @@ def test_flex_forward_matches_dense(name):
         warnings.filterwarnings("error", message=".*without torch.compile.*")  # no silent eager fallback
         for causal in (False, True):
             out = sp.flex_sparse_attention(
-                q, k, v, pattern, causal=causal, key_padding_mask=pad, bias_fn_mod=score_mod
+                q, k, v, pattern, causal=causal, key_padding_mask=pad, score_bias=bias_fn
             )
             ref = reference(q, k, v, pattern, causal, pad, bias_fn, None)
             real = pad[:, :, None, None]

@@ -155,7 +155,7 @@ def test_minilm_sparse_local_alibi_override_keeps_weights_and_drops_the_position
     path, _, batch, _ = minilm
     model, report = convert(path, attention_type="sparse", sparse_pattern="local", sparse_window_size=8,
                             position_embedding_type="alibi", return_report=True)
-    assert model.config.attention_type == "sparse" and model.config.position_embedding_type == "alibi"
+    assert model.config.sparse_pattern == "local" and model.config.position_embedding_type == "alibi"
     assert model.embeddings.position_embeddings is None
     assert report.new == []
     assert report.dropped_names == POOLER | {"embeddings.position_embeddings.weight"}
@@ -172,8 +172,8 @@ def test_minilm_sparse_local_alibi_override_keeps_weights_and_drops_the_position
 def test_minilm_additive_relative_override_reports_new_parameters(minilm):
     path, _, batch, _ = minilm
     model, report = convert(path, attention_type="additive", position_embedding_type="relative", return_report=True)
-    additive = {f"layers.{i}.self_attn.additive_{p}" for i in range(6) for p in ("w_q", "w_k", "b", "v")}
-    assert report.new_names == additive | {"position_bias.relative_attention_bias.weight"}
+    additive = {f"layers.{i}.self_attn.score.{p}" for i in range(6) for p in ("w_q", "w_k", "b", "v")}
+    assert report.new_names == additive | {"score_bias.relative_attention_bias.weight"}
     assert report.dropped_names == POOLER | {"embeddings.position_embeddings.weight"}
     assert MINILM_LAYER_KEYS <= set(report.copied)
     assert torch.isfinite(model(**batch).last_hidden_state).all()
@@ -294,7 +294,7 @@ def test_vit_image_classification_matches_and_overrides_resample_or_drop_the_tab
 
     # A larger image size carries the learned table over as transformers' interpolate_pos_encoding does.
     bigger, report = convert(source, image_size=24, return_report=True)
-    table = {c.name: c for c in report.reshaped}["model.embeddings.position_embeddings"]
+    table = {c.name: c for c in report.reshaped}["model.embeddings.position_embeddings.weight"]
     assert table.shape == (1, 37, 32) and "4x4 to a 6x6" in table.reason
     pixels = torch.randn(2, 3, 24, 24)
     assert max_diff(source(pixels, interpolate_pos_encoding=True).logits, bigger(pixels).logits) <= TOL
@@ -347,7 +347,7 @@ def test_cli_converts_a_saved_checkpoint_with_overrides(tmp_path, capsys):
                                    "position_embedding_type": "rope"}
     assert [c["name"] for c in report["dropped"]] == ["roberta.embeddings.position_embeddings.weight"]
     loaded = HfAttentionForMaskedLM.from_pretrained(out_dir)
-    assert loaded.config.attention_type == "sparse" and loaded.config.sparse_window_size == 4
+    assert loaded.config.sparse_pattern == "local" and loaded.config.sparse_window_size == 4
 
 
 def test_a_head_missing_from_the_checkpoint_is_reported_new_and_the_encoder_still_matches(tmp_path):

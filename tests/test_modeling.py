@@ -69,7 +69,7 @@ def test_eager_and_sdpa_kernels_agree_and_attentions_are_probabilities(variant):
         assert probs.shape == (2, 4, 19, 19)
         torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 19))
         assert (probs[1, :, :12, 12:] == 0).all(), "padding keys must get exactly zero probability"
-        if variant["attention_type"] == "sparse":
+        if variant.get("sparse_pattern"):
             allowed = model.sparse_pattern.dense_mask(19, 19)
             assert (probs[0][:, ~allowed] == 0).all(), "outside the sparse pattern must be exactly zero"
             assert (probs[0][:, allowed] > 0).all()
@@ -148,9 +148,9 @@ def test_additive_attention_module_equals_bahdanau_formula():
     q = module.q_proj(x).view(1, 7, 4, 8).transpose(1, 2)
     k = module.k_proj(x).view(1, 7, 4, 8).transpose(1, 2)
     v = module.v_proj(x).view(1, 7, 4, 8).transpose(1, 2)
-    qa = torch.einsum("bhld,hda->bhla", q, module.additive_w_q) + module.additive_b[None, :, None]
-    ka = torch.einsum("bhld,hda->bhla", k, module.additive_w_k)
-    scores = torch.einsum("bhija,ha->bhij", torch.tanh(qa[:, :, :, None] + ka[:, :, None]), module.additive_v)
+    qa = torch.einsum("bhld,hda->bhla", q, module.score.w_q) + module.score.b[None, :, None]
+    ka = torch.einsum("bhld,hda->bhla", k, module.score.w_k)
+    scores = torch.einsum("bhija,ha->bhij", torch.tanh(qa[:, :, :, None] + ka[:, :, None]), module.score.v)
     ref_probs = torch.softmax(scores, -1)
     torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
     expected = module.out_proj((ref_probs @ v).transpose(1, 2).reshape(1, 7, 32))
@@ -242,7 +242,8 @@ def test_variant_names_round_trip_and_bad_names_list_choices():
         assert parse_variant(name) == variant
     with pytest.raises(ValueError, match="variant 'dense' is not valid; choose one of standard\\+sinusoidal"):
         parse_variant("dense")
-    assert len(VARIANTS) == 6 + 6 + 3 * 6 + 1
+    # every scoring function x (dense + each pattern) x every positional type
+    assert len(VARIANTS) == 2 * (1 + 3) * 6
 
 
 def test_bad_attention_mask_shape_is_explained():

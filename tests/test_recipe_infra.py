@@ -244,7 +244,7 @@ def test_convert_from_a_transformers_checkpoint_on_the_fly(tmp_path):
                                       "--output_dir", str(out)])
     assert (out / "converted_model" / "conversion_report.json").exists()
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "hf_attention" and config["attention_type"] == "sparse"
+    assert config["model_type"] == "hf_attention" and config["sparse_pattern"] == "local"
     assert config["position_embedding_type"] == "alibi" and results["train_steps"] == 2
 
 

@@ -91,7 +91,8 @@ def test_fresh_variant_model_trains_evaluates_and_checkpoints(fresh_run, squad_f
     predictions = assert_model_folder(out, results, 32)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "hf_attention"
-    assert (config["attention_type"], config["position_embedding_type"]) == ("sparse", "alibi")
+    assert (config["attention_type"], config["sparse_pattern"], config["position_embedding_type"]) == (
+        "standard", "local", "alibi")
     assert config["max_position_embeddings"] >= 96
     assert results["eval_windows"] > 32  # paragraphs longer than a window became several windows
     steps = results["train_steps"]

@@ -126,7 +126,7 @@ def test_fresh_sparse_relative_end_to_end(recipe, data, tmp_path):
     assert len((out / "generated_predictions.txt").read_text().splitlines()) == 8
 
     config = json.loads((out / "config.json").read_text())
-    assert config["attention_type"] == "sparse" and config["position_embedding_type"] == "relative"
+    assert config["sparse_pattern"] == "local" and config["position_embedding_type"] == "relative"
     assert config["decoder_start_token_id"] == config["bos_token_id"] != config["eos_token_id"]
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.convert_ids_to_tokens([config["pad_token_id"], config["decoder_start_token_id"],

@@ -249,10 +249,10 @@ def test_sparse_kernel_with_pattern_positions_is_padding_invariant(name, causal,
                 full[row, :, where] = part[0]
             pad[row, where] = True
         positions = (pad.long().cumsum(-1) - 1).clamp(min=0)
-        out = sp.sparse_attention(*qkv, pattern, causal=causal, key_padding_mask=pad, bias_fn=bias_fn,
+        out = sp.sparse_attention(*qkv, pattern, causal=causal, key_padding_mask=pad, score_bias=bias_fn,
                                   positions=positions, pattern_positions=positions)
         for row, seq in enumerate(seqs):
-            alone = sp.sparse_attention(*seq, pattern, causal=causal, bias_fn=bias_fn)[0]
+            alone = sp.sparse_attention(*seq, pattern, causal=causal, score_bias=bias_fn)[0]
             torch.testing.assert_close(out[row, pad[row]], alone, msg=f"{side} row {row}")
 
 

@@ -238,14 +238,14 @@ def test_sliding_window_is_none_where_the_pattern_is_not_that_convention():
 def test_setting_sliding_window_selects_the_local_pattern_it_names():
     """transformers' tools and common tests assign `config.sliding_window`: it must build that model, not be lost."""
     config = tiny(sliding_window=5)
-    assert (config.attention_type, config.sparse_pattern, config.sparse_window_size) == ("sparse", "local", 5)
+    assert (config.attention_type, config.sparse_pattern, config.sparse_window_size) == ("standard", "local", 5)
     causal = HfAttentionForCausalLM(config)
     assert causal.config.sliding_window == 5
     config = tiny()
     config.sliding_window = 2
-    assert (config.attention_type, config.sparse_window_size) == ("sparse", 2)
+    assert (config.sparse_pattern, config.sparse_window_size) == ("local", 2)
     config.sliding_window = None
-    assert config.attention_type == "standard"
+    assert config.attention_type == "standard" and config.sparse_pattern is None
     for bad in (0, -3, "4", 2.5):
         with pytest.raises(ValueError, match="sliding_window"):
             tiny(sliding_window=bad)

@@ -207,7 +207,7 @@ def test_every_class_switches_its_attention_implementation_after_construction(na
     assert model.config._attn_implementation == "eager"
     assert all(m.config._attn_implementation == "eager" for m in model.modules() if hasattr(m, "config"))
     calls = []
-    eager = H.modeling_hf_attention.eager_attention_forward
+    eager = H.scores_hf_attention.eager_attention_forward
 
     def spy(*args, **kwargs):
         calls.append(1)
@@ -218,7 +218,7 @@ def test_every_class_switches_its_attention_implementation_after_construction(na
     if FAMILY[name] == "seq2seq":
         inputs["decoder_input_ids"] = torch.randint(3, 50, (2, 4))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(H.modeling_hf_attention, "eager_attention_forward", spy)
+        patch.setattr(H.scores_hf_attention, "eager_attention_forward", spy)
         model(**inputs)
     assert calls, f"{name} did not run the eager kernel after set_attn_implementation('eager')"
     model.set_attn_implementation("sdpa")

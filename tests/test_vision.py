@@ -22,13 +22,15 @@ from hf_attention import (
     make_image_processor,
 )
 from hf_attention.attention_sparse_2d import GridBlockPattern, GridLocalPattern, GridStridedPattern
-from hf_attention.configuration_hf_attention import POSITION_EMBEDDING_TYPES
 from hf_attention.positions_2d_hf_attention import (
     AlibiBias2D,
     RelativePositionBias2D,
     RotaryEmbedding2D,
     grid_position_ids,
 )
+from hf_attention.variants import position_embedding_types
+
+POSITION_EMBEDDING_TYPES = position_embedding_types()
 
 VARIANTS = [(a, p) for a in ("standard", "sparse", "additive") for p in POSITION_EMBEDDING_TYPES] + [("rope", "rope")]
 IDS = [f"{a}+{p}" for a, p in VARIANTS]
@@ -140,7 +142,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(2)
         model(torch.randn(2, 3, 16, 16), labels=torch.tensor([1, 2])).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and "model.position_bias.relative_attention_bias.weight" in grads[0]
+    assert grads[0].keys() == grads[1].keys() and "model.score_bias.relative_attention_bias.weight" in grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
@@ -158,7 +160,7 @@ def test_bad_inputs_are_explained():
 def test_new_parameters_are_initialised_like_vit():
     model = build(hidden_size=256, num_attention_heads=4, image_size=64, initializer_range=0.05)
     emb = model.model.embeddings
-    for tensor in (emb.cls_token, emb.position_embeddings, emb.patch_embeddings.projection.weight):
+    for tensor in (emb.cls_token, emb.position_embeddings.weight, emb.patch_embeddings.projection.weight):
         assert abs(tensor.std().item() - 0.05) < 0.01, tensor.shape
     assert torch.count_nonzero(emb.patch_embeddings.projection.bias) == 0
 
@@ -247,7 +249,7 @@ def test_alibi_2d_bias_is_minus_slope_times_euclidean_distance():
     model = build(position_embedding_type="alibi")
     height, width = 3, 5
     ids = grid_position_ids(height, width, 1)
-    bias = model.model.attention_inputs(ids, (height, width)).position_bias(torch.float32)[0]  # [H, L, L]
+    bias = model.model.attention_inputs(ids, (height, width)).score_bias(torch.float32)[0]  # [H, L, L]
     coords = patch_coords(height, width, 1)
     slopes = [2 ** (-8 * (h + 1) / 4) for h in range(4)]
     expected = torch.zeros_like(bias)
@@ -257,19 +259,19 @@ def test_alibi_2d_bias_is_minus_slope_times_euclidean_distance():
                 dist = math.hypot(kc[0] - qc[0], kc[1] - qc[1])
                 expected[:, q, k] = torch.tensor([-s * dist for s in slopes])
     torch.testing.assert_close(bias, expected)
-    assert isinstance(model.model.position_bias, AlibiBias2D)
+    assert isinstance(model.model.score_bias, AlibiBias2D)
 
 
 def test_relative_2d_bias_is_a_learned_scalar_per_pair_of_t5_buckets():
     model = build(position_embedding_type="relative")
-    module = model.model.position_bias
+    module = model.model.score_bias
     assert isinstance(module, RelativePositionBias2D)
     with torch.no_grad():
         module.relative_attention_bias.weight.normal_()
     table = module.relative_attention_bias.weight  # [buckets^2, H]
     height, width = 4, 6
     ids = grid_position_ids(height, width, 1)
-    bias = model.model.attention_inputs(ids, (height, width)).position_bias(torch.float32)[0]
+    bias = model.model.attention_inputs(ids, (height, width)).score_bias(torch.float32)[0]
     coords = patch_coords(height, width, 1)
     n = 8
     expected = torch.zeros_like(bias)
@@ -395,7 +397,7 @@ def test_block_skipping_kernel_serves_grid_patterns_exactly(force_blocked, patte
     if bias == "relative":
         bias_fn = bias_fn.double()
     q, k, v = (torch.randn(1, heads, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out = sp.sparse_attention(q, k, v, pattern, bias_fn=bias_fn, positions=ids)
+    out = sp.sparse_attention(q, k, v, pattern, score_bias=bias_fn, positions=ids)
     scores = q @ k.transpose(-1, -2) / math.sqrt(8)
     if bias_fn is not None:
         scores = scores + bias_fn(ids[:, None, :] - ids[:, :, None]).movedim(0, 1).to(scores.dtype)
@@ -433,7 +435,7 @@ def test_learned_interpolation_equals_vit(height, width):
     emb = model.model.embeddings
     vit = ViTEmbeddings(ViTConfig(image_size=16, patch_size=4, hidden_size=32))
     with torch.no_grad():
-        vit.position_embeddings.copy_(emb.position_embeddings)
+        vit.position_embeddings.copy_(emb.position_embeddings.weight)
     n = 1 + (height // 4) * (width // 4)
     expected = vit.interpolate_pos_encoding(torch.zeros(1, n, 32), height, width)
     torch.testing.assert_close(emb.interpolate_pos_encoding(height // 4, width // 4), expected)

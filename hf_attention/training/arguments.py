@@ -16,13 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..configuration_hf_attention import (
-    ATTENTION_TYPES,
-    NORM_POSITIONS,
-    POOLING_TYPES,
-    POSITION_EMBEDDING_TYPES,
-    SPARSE_PATTERNS,
-)
+from ..configuration_hf_attention import LEGACY_ATTENTION_TYPES, NORM_POSITIONS, POOLING_TYPES
+from ..registry_hf_attention import ATTENTION_SCORES, POSITIONAL_ENCODINGS, SPARSE_PATTERN_CLASSES
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "cosine_with_min_lr")
@@ -37,11 +32,17 @@ DATA_BLOCK_FLAGS = (*DATA_SOURCE_FLAGS, "dataset_config_name", "do_predict")
 # Flags that name a model, config or tokenizer: a local path among them must exist.
 MODEL_PATH_FLAGS = ("model_name_or_path", "config_name", "tokenizer_name", "convert_from")
 
-# Model-shape and variant flags: forwarded to HfAttentionConfig when a fresh model is built.
+def optional_str(value: str) -> str | None:
+    """A path or name, or None for `none`/`null`/empty: how the command line clears what a preset set."""
+    return None if value.strip().lower() in (*NONE_VALUES, "") else value
+
+
+# Model-shape and variant flags: forwarded to HfAttentionConfig when a fresh model is built. The variant axes'
+# choices are read from the registries when a parser is built (so a registered new variant is a valid flag).
 VARIANT_FLAGS = {
-    "attention_type": (str, ATTENTION_TYPES),
-    "position_embedding_type": (str, POSITION_EMBEDDING_TYPES),
-    "sparse_pattern": (str, SPARSE_PATTERNS),
+    "attention_type": (str, lambda: (*ATTENTION_SCORES, *LEGACY_ATTENTION_TYPES)),
+    "position_embedding_type": (str, lambda: tuple(POSITIONAL_ENCODINGS)),
+    "sparse_pattern": (optional_str, lambda: (*SPARSE_PATTERN_CLASSES, None)),  # `none`: dense
     "norm_position": (str, NORM_POSITIONS),
     "pooling": (str, POOLING_TYPES),
     "sparse_window_size": (int, None),
@@ -67,11 +68,6 @@ VARIANT_FLAGS = {
     "max_position_embeddings": (int, None),
     "patch_size": (int, None),
 }
-
-
-def optional_str(value: str) -> str | None:
-    """A path or name, or None for `none`/`null`/empty: how the command line clears what a preset set."""
-    return None if value.strip().lower() in (*NONE_VALUES, "") else value
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -101,7 +97,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--vocab_size", type=int, default=8000, help="size of a tokenizer trained on the data")
     model.add_argument("--attn_implementation", type=str, default=None, choices=("eager", "sdpa", "flex_attention"))
     for name, (kind, choices) in VARIANT_FLAGS.items():
-        model.add_argument(f"--{name}", type=kind, default=None, choices=choices)
+        model.add_argument(f"--{name}", type=kind, default=None, choices=choices() if callable(choices) else choices)
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--per_device_train_batch_size", type=int, default=8)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..variants import position_table_length
+
 PROTOCOLS = ("nonoverlapping", "sliding")
 SPLITS = ("validation", "train", "all")
 STATUS_OK = "ok"
@@ -53,9 +55,7 @@ def position_table_size(model: nn.Module) -> int | None:
     if sizes:
         return min(sizes)
     config = getattr(model, "config", None)
-    if getattr(config, "position_embedding_type", None) == "learned":
-        return int(config.max_position_embeddings)
-    return None
+    return position_table_length(config) if config is not None else None
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -316,7 +316,7 @@ def select_text(text: str, split: str, train_split: float) -> str:
 
 
 def variant_of(config) -> str:
-    from ..variants import variant_name
+    from ..variants import variant_name  # noqa: I001
 
     return variant_name(config.attention_type, config.position_embedding_type, getattr(config, "sparse_pattern", None))
 

@@ -400,8 +400,7 @@ def model_card(task: str, args: argparse.Namespace, config, dataset_desc: str) -
     variant = ", ".join(
         f"{name}={getattr(config, name)}" for name in (
             "attention_type", "position_embedding_type", "sparse_pattern", "norm_position"
-        ) if getattr(config, name, None) is not None and (name != "sparse_pattern"
-                                                        or getattr(config, "attention_type", "") == "sparse")
+        ) if getattr(config, name, None) is not None
     )
     return (
         f"---\nlibrary_name: transformers\ntags:\n- hf_attention\n- {task}\n---\n\n"
