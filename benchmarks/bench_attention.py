@@ -24,18 +24,31 @@ import torch.nn.functional as F
 from hf_attention import HfAttentionConfig
 from hf_attention.modeling_hf_attention import AttentionInputs, HfAttentionStackMixin
 from hf_attention.modeling_hf_attention import HfAttentionAttention as Attention
+from hf_attention.registry_hf_attention import ATTENTION_SCORES, POSITIONAL_ENCODINGS, SPARSE_PATTERN_CLASSES
 
-VARIANTS = {
-    "sdpa (reference)": None,
-    "standard": dict(attention_type="standard", position_embedding_type="none"),
-    "rope": dict(attention_type="rope"),
-    "alibi": dict(attention_type="standard", position_embedding_type="alibi"),
-    "relative": dict(attention_type="standard", position_embedding_type="relative"),
-    "sparse-local": dict(attention_type="sparse", sparse_pattern="local", position_embedding_type="none"),
-    "sparse-strided": dict(attention_type="sparse", sparse_pattern="strided", position_embedding_type="none"),
-    "sparse-block": dict(attention_type="sparse", sparse_pattern="block", position_embedding_type="none"),
-    "additive": dict(attention_type="additive", position_embedding_type="none"),
-}
+
+def _variants() -> dict[str, dict | None]:
+    """The reference, then every scoring function, positional encoding and sparse pattern of the registries,
+    each alone on top of the standard dense variant (names: the scoring function, the positional type, or
+    `sparse-<pattern>`)."""
+    variants: dict[str, dict | None] = {"sdpa (reference)": None}
+    for name in ATTENTION_SCORES:
+        variants[name] = dict(attention_type=name, position_embedding_type="none")
+    for name, cls in POSITIONAL_ENCODINGS.items():
+        if not cls.adds_to_embeddings and name != "none":  # absolute tables live outside the attention layer
+            variants[name] = dict(attention_type="standard", position_embedding_type=name)
+    for name in SPARSE_PATTERN_CLASSES:
+        variants[f"sparse-{name}"] = dict(attention_type="standard", sparse_pattern=name,
+                                          position_embedding_type="none")
+    return variants
+
+
+VARIANTS = _variants()
+
+
+def _fast(name: str) -> bool:
+    overrides = VARIANTS[name]
+    return overrides is None or ATTENTION_SCORES[overrides["attention_type"]].fast_kernel
 
 
 class Positional(HfAttentionStackMixin, torch.nn.Module):
@@ -64,9 +77,9 @@ def build(name: str, length: int, device: str, dtype: torch.dtype):
     positions = torch.arange(length, device=device)[None]
 
     def inputs():
-        rotary = positional.rotary_emb(positions) if positional.rotary_emb is not None else None
+        rotary = positional.rotary_emb.rotary_tables(positions) if positional.rotary_emb is not None else None
         return AttentionInputs(q_positions=positions, k_positions=positions, key_padding_mask=None,
-                               rotary=rotary, rotary_keys=rotary, bias_module=positional.position_bias,
+                               rotary=rotary, rotary_keys=rotary, positions=positional.score_bias,
                                pattern=positional.sparse_pattern)
 
     if VARIANTS[name] is None:
@@ -128,7 +141,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
-    parser.add_argument("--additive_max_length", type=int, default=1024, help="additive is O(N^2 d): skip beyond")
+    parser.add_argument("--slow_max_length", type=int, default=1024,
+                        help="scoring functions without a fused kernel (fast_kernel=False, e.g. additive: O(N^2 d)) "
+                             "are skipped beyond this length")
     parser.add_argument("--no_memory", action="store_true")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,7 +157,7 @@ def main() -> None:
     header = "| variant | L | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | fwd+bwd peak MiB |"
     print(header + "\n|---|---:|---:|---:|---:|---:|---:|")
     for length in args.lengths:
-        names = [n for n in args.variants if n != "additive" or length <= args.additive_max_length]
+        names = [n for n in args.variants if _fast(n) or length <= args.slow_max_length]
         if "sdpa (reference)" not in names:
             names.insert(0, "sdpa (reference)")
         cases = {n: build(n, length, args.device, DTYPES[args.dtype]) for n in names}

@@ -42,17 +42,10 @@ sp = _load_sparse()
 
 
 def build_cases(args) -> dict:
-    patterns = {
-        "local": sp.LocalPattern(window_size=args.window),
-        "strided": sp.StridedPattern(stride=args.stride),
-        "block": sp.BlockPattern(
-            block_size=args.block_size,
-            num_global_tokens=args.global_tokens,
-            num_random_blocks=args.random_blocks,
-            seed=0,
-            max_positions=max(args.lengths),
-        ),
-    }
+    options = dict(window_size=args.window, stride=args.stride, block_size=args.block_size,
+                   num_global_tokens=args.global_tokens, num_random_blocks=args.random_blocks, seed=0,
+                   max_positions=max(args.lengths))
+    patterns = {name: sp.make_sparse_pattern(name, **options) for name in sp.SPARSE_PATTERN_CLASSES}
 
     def dense(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)

@@ -75,3 +75,16 @@ __all__ = [
     "convert",
     "ConfigFieldError",
 ]
+
+
+def _import_plugins() -> None:
+    """Modules named in HF_ATTENTION_PLUGINS (comma-separated) are imported here: a user's own registered
+    variants are then known in every process, e.g. the recipes a sweep launches."""
+    import importlib
+    import os
+
+    for name in filter(None, (part.strip() for part in os.environ.get("HF_ATTENTION_PLUGINS", "").split(","))):
+        importlib.import_module(name)
+
+
+_import_plugins()

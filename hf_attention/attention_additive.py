@@ -472,6 +472,7 @@ class AdditiveScore(AttentionScore):
 
     name = "additive"
     has_parameters = True
+    fast_kernel = False
 
     def __init__(self, config):
         super().__init__(config)

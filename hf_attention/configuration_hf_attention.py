@@ -173,7 +173,7 @@ class HfAttentionConfig(PreTrainedConfig):
     Example:
     ```python
     >>> from hf_attention import HfAttentionConfig, HfAttentionModel
-    >>> config = HfAttentionConfig(attention_type="standard", sparse_pattern="local", position_embedding_type="alibi")
+    >>> config = HfAttentionConfig(attention_type="standard", sparse_pattern="local", position_embedding_type="rope")
     >>> model = HfAttentionModel(config)
     ```
     """

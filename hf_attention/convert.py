@@ -821,7 +821,7 @@ def convert(
             class itself initialises (e.g. BertForQuestionAnswering's on a bare encoder) is drawn by that class
             under this seed and kept, so `set_seed(seed); SourceClass.from_pretrained(...)` starts identically.
         **config_overrides: `HfAttentionConfig` fields (`sparse_pattern="local"`, `position_embedding_type=
-            "alibi"`, ...); tensors that still apply are kept, the rest are initialised and reported.
+            "rope"`, ...); tensors that still apply are kept, the rest are initialised and reported.
         return_report: return `(model, report)` instead of the model.
 
     Returns:

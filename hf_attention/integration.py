@@ -357,7 +357,7 @@ def _configs(model: PreTrainedModel) -> list[PreTrainedConfig]:
 
 
 def use_variant(model: PreTrainedModel, variant: str, **params: Any) -> PreTrainedModel:
-    """Switch ``model`` to ``variant`` (a key of ``ATTENTION_IMPLEMENTATIONS``: "sparse", "alibi", "sparse_alibi");
+    """Switch ``model`` to ``variant`` (a key of ``ATTENTION_IMPLEMENTATIONS``, e.g. ``sparse_alibi``);
     sparse options go on its config.
 
     ``params`` are the sparse options (``pattern``, ``window_size``, ``block_size``, ``stride``,

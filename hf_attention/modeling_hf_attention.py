@@ -5,6 +5,7 @@ rotary q/k or score bias, sparse pattern, scoring, kernel -> residual -> norm ->
 The scoring algorithm is `config.attention_type`; the kernel is `config._attn_implementation`.
 """
 
+import copy
 import dataclasses
 import re
 import shutil
@@ -420,7 +421,17 @@ def _checkpointing(stack: nn.Module) -> bool:
 
 
 class HfAttentionStackMixin:
-    """Shared by encoder and decoder stacks: builds the per-forward AttentionInputs."""
+    """Shared by the encoder, decoder and vision stacks: the per-forward AttentionInputs and the layer loop."""
+
+    def _run_layers(self, hidden_states: torch.Tensor, inputs: AttentionInputs, **layer_kwargs) -> torch.Tensor:
+        """Every layer, then the final LayerNorm of a pre-norm stack."""
+        output_attentions = layer_kwargs.pop("output_attentions", None)
+        output_attentions = bool(self.config.output_attentions if output_attentions is None else output_attentions)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, inputs, output_attentions=output_attentions, **layer_kwargs)
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return hidden_states
 
     def _build_positional(self, config: HfAttentionConfig, bidirectional: bool) -> None:
         """The stack's share of the variant: a rotary or score-bias encoding (absolute ones live in the
@@ -524,11 +535,7 @@ class HfAttentionModel(HfAttentionStackMixin, HfAttentionPreTrainedModel):
         inputs = self._attention_inputs(
             position_ids, attention_mask, hidden_states.dtype, batch_size=reference.shape[0]
         )
-        output_attentions = bool(kwargs.get("output_attentions", self.config.output_attentions))
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, inputs, output_attentions=output_attentions)
-        if self.final_layer_norm is not None:
-            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self._run_layers(hidden_states, inputs, output_attentions=kwargs.get("output_attentions"))
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
@@ -817,14 +824,10 @@ class HfAttentionDecoder(HfAttentionStackMixin, HfAttentionPreTrainedModel):
                 padding = encoder_attention_mask.to(torch.bool)
             cross_inputs = AttentionInputs(q_positions=position_ids, k_positions=src_positions,
                                            key_padding_mask=padding)
-        output_attentions = bool(kwargs.get("output_attentions", self.config.output_attentions))
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states, inputs, encoder_hidden_states, cross_inputs=cross_inputs,
-                cache=cache, output_attentions=output_attentions,
-            )
-        if self.final_layer_norm is not None:
-            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self._run_layers(
+            hidden_states, inputs, encoder_hidden_states=encoder_hidden_states, cross_inputs=cross_inputs,
+            cache=cache, output_attentions=kwargs.get("output_attentions"),
+        )
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states, **cache_field(cache if use_cache else None)
         )
@@ -944,8 +947,11 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
     _keys_to_ignore_on_load_missing = ["final_logits_bias"]
 
     def __init__(self, config: HfAttentionConfig):
-        # generate() decides how to run from this flag; an encoder-decoder config must say so.
-        config.is_encoder_decoder = True
+        # generate() decides how to run from this flag; an encoder-decoder config must say so (on a copy: the
+        # caller's config object is never changed).
+        if not config.is_encoder_decoder:
+            config = copy.deepcopy(config)
+            config.is_encoder_decoder = True
         super().__init__(config)
         self.model = HfAttentionEncoderDecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -1016,7 +1022,11 @@ class HfAttentionForCausalLM(HfAttentionPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: HfAttentionConfig):
-        config.is_decoder = True  # as BartForCausalLM: the config describes a causal model (see sliding_window)
+        # As BartForCausalLM: the config describes a causal model (see sliding_window); on a copy, so the caller's
+        # config object is never changed.
+        if not config.is_decoder:
+            config = copy.deepcopy(config)
+            config.is_decoder = True
         super().__init__(config)
         self.model = HfAttentionDecoder(config, add_cross_attention=False)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

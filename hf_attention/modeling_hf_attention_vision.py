@@ -44,6 +44,7 @@ from .modeling_hf_attention import (
     AttentionInputs,
     HfAttentionLayer,
     HfAttentionPreTrainedModel,
+    HfAttentionStackMixin,
     _checkpointing,
     classification_loss,
     pool_hidden_states,
@@ -163,7 +164,7 @@ class HfAttentionVisionPreTrainedModel(HfAttentionPreTrainedModel):
         return result
 
 
-class HfAttentionVisionModel(HfAttentionVisionPreTrainedModel):
+class HfAttentionVisionModel(HfAttentionStackMixin, HfAttentionVisionPreTrainedModel):
     """The headless encoder: pixels -> patch states; `pooler_output` is [CLS] or the mean over patches."""
 
     def __init__(self, config: HfAttentionConfig):
@@ -249,11 +250,7 @@ class HfAttentionVisionModel(HfAttentionVisionPreTrainedModel):
         position_ids = grid_position_ids(*grid, self.num_prefix_tokens, device=pixel_values.device)
         hidden_states = self.embeddings(pixel_values, position_ids, grid, bool(interpolate_pos_encoding))
         inputs = self.attention_inputs(position_ids, grid)
-        output_attentions = bool(kwargs.get("output_attentions", self.config.output_attentions))
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, inputs, output_attentions=output_attentions)
-        if self.final_layer_norm is not None:
-            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self._run_layers(hidden_states, inputs, output_attentions=kwargs.get("output_attentions"))
         pooled = pool_hidden_states(hidden_states, None, self.config.pooling)  # [CLS], or the mean over patches
         return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled)
 

@@ -172,6 +172,7 @@ class AttentionScore(nn.Module):
 
     name: ClassVar[str] = ""
     has_parameters: ClassVar[bool] = False  # learned tensors (a variant transformers' own models cannot take)
+    fast_kernel: ClassVar[bool] = True  # runs on a fused kernel (SDPA/flex); benchmarks cap the others' length
     takes_score_bias: ClassVar[bool] = True
     takes_sparse_pattern: ClassVar[bool] = True
 
