@@ -928,6 +928,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=TASKS, default=None,
                         help="target head (default: the source's own); seq2seq on BERT/RoBERTa = BERT2BERT")
     parser.add_argument("--attention-type", default=None, help="shortcut for --set attention_type=...")
+    parser.add_argument("--sparse-pattern", default=None, help="shortcut for --set sparse_pattern=...")
     parser.add_argument("--position-embedding-type", default=None,
                         help="shortcut for --set position_embedding_type=...")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -943,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key.strip()] = _parse_value(value)
     if args.attention_type:
         overrides["attention_type"] = args.attention_type
+    if args.sparse_pattern:
+        overrides["sparse_pattern"] = args.sparse_pattern
     if args.position_embedding_type:
         overrides["position_embedding_type"] = args.position_embedding_type
     try:

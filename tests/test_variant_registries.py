@@ -176,3 +176,9 @@ def test_each_variant_name_is_quoted_only_in_its_own_classes_file():
         quoted = re.compile(rf"[\"']{name}[\"']")
         files = [p.relative_to(REPO) for p, text in texts.items() if quoted.search(text)]
         assert len(files) <= 2, (name, files)
+
+
+def test_the_readme_variant_tables_are_generated_from_the_registries():
+    from hf_attention.variant_tables import block
+
+    assert block() in (REPO / "README.md").read_text(), "run: python -m hf_attention.variant_tables --write README.md"
