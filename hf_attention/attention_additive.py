@@ -488,7 +488,7 @@ class AdditiveScore(AttentionScore):
         init.zeros_(self.b)
         init.normal_(self.v, mean=0.0, std=self.v.shape[-1] ** -0.5)
 
-    def forward(self, attention, query, key, value, inputs, dropout=0.0, output_attentions=False):
+    def forward(self, attention, query, key, value, inputs, dropout=0.0, output_attentions=False, **kwargs):
         return additive_attention(
             query, key, value, self.w_q, self.w_k, self.b, self.v,
             attention_mask=inputs.mask_with_bias(query.dtype, query.device),

@@ -24,15 +24,22 @@ mean key of each (batch, head) (``center=True``; the mean is detached, its exact
 That keeps ``||k||^2 / 2`` small next to ``q.k``, which matters in half precision, where rounding
 ``||k||^2 / 2`` costs ``ulp(||k||^2) / s^2`` in every score.
 
-Torch only (no transformers import): the file is copied next to saved models.
+Copied next to saved models: torch, transformers' init helpers and flat siblings only. `GaussianScore` at the
+end is the `attention_type` class.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
 
-__all__ = ["gaussian_as_dot", "gaussian_attention", "HEAD_DIM_MULTIPLE"]
+from .scores_hf_attention import StandardScore, register_attention_score
+
+__all__ = ["GaussianScore", "gaussian_as_dot", "gaussian_attention", "HEAD_DIM_MULTIPLE"]
 
 #: Augmented head dimensions are padded to a multiple of this (tensor-core kernels need it).
 HEAD_DIM_MULTIPLE = 8
@@ -163,3 +170,41 @@ def gaussian_attention(
     probs = F.dropout(probs, p=p, training=p > 0)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, (probs if output_attentions else None)
+
+
+
+@register_attention_score
+class GaussianScore(StandardScore):
+    """Nadaraya-Watson attention, softmax(-||q - k||^2 / (2 sigma_h^2) + bias) V, at dot-product speed.
+
+    One appended coordinate turns the kernel into a dot product (`gaussian_as_dot`), so every kernel the standard
+    score runs (eager, SDPA, FlexAttention, the block-skipping sparse kernels) runs it unchanged; nothing
+    B x H x N x N x d is built. The bandwidth is learned per head (`log_sigma`, initialised so 1 / sigma^2 =
+    1 / sqrt(d), the standard score's scale) unless `config.gaussian_bandwidth` fixes it.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.fixed_bandwidth = config.gaussian_bandwidth
+        self.log_sigma = None if self.fixed_bandwidth is not None else nn.Parameter(torch.empty(self.num_heads))
+        self.scaling = 1.0
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        if config.gaussian_bandwidth is not None and not config.gaussian_bandwidth > 0:
+            raise ValueError(f"gaussian_bandwidth={config.gaussian_bandwidth!r} is not valid; it must be positive "
+                             "(or None to learn one per head).")
+
+    def init_weights(self, config) -> None:
+        if self.log_sigma is not None:
+            init.constant_(self.log_sigma, 0.25 * math.log(self.head_dim))  # sigma^2 = sqrt(d)
+
+    def sigma(self) -> torch.Tensor | float:
+        return self.fixed_bandwidth if self.log_sigma is None else self.log_sigma.exp()
+
+    def forward(self, attention, query, key, value, inputs, dropout=0.0, output_attentions=False, **kwargs):
+        query, key, _ = gaussian_as_dot(query, key, self.sigma())
+        return super().forward(attention, query, key, value, inputs, dropout, output_attentions)

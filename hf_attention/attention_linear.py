@@ -539,3 +539,53 @@ def linear_cache_layer(cache: Cache, layer_idx: int) -> LinearAttentionCacheLaye
         )
     layers[layer_idx] = LinearAttentionCacheLayer()
     return layers[layer_idx]
+
+
+
+from .scores_hf_attention import AttentionScore, register_attention_score  # noqa: E402  (the class below)
+
+
+@register_attention_score
+class LinearScore(AttentionScore):
+    """Linear attention (Katharopoulos et al., 2020), phi(Q)(phi(K)^T V) / phi(Q)(phi(K)^T 1), in O(N d^2).
+
+    `config.linear_feature_map` picks phi (`FEATURE_MAPS`). Bidirectional in encoders and cross-attention, causal
+    by chunked prefix sums in decoders; generation keeps a constant-size recurrent state in the cache instead of
+    keys and values. RoPE is RoFormer's linear form (rotated features in the numerator only). It has no score
+    matrix, so score-bias positions and sparse patterns are refused; `output_attentions` returns the implied
+    N x N weights (not available during cached decoding: past keys are not kept).
+    """
+
+    name = "linear"
+    takes_score_bias = False
+    takes_sparse_pattern = False
+    keeps_kv_cache = False
+    rotates_itself = True
+    weights_sum_to_one = False  # with RoPE the rotated numerator over the unrotated denominator (RoFormer)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.feature_map = get_feature_map(config.linear_feature_map)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        if config.linear_feature_map not in FEATURE_MAPS:
+            raise ValueError(f"linear_feature_map={config.linear_feature_map!r} is not valid; choose one of "
+                             f"{', '.join(map(repr, FEATURE_MAPS))}.")
+
+    def forward(self, attention, query, key, value, inputs, dropout=0.0, output_attentions=False, cache=None,
+                **kwargs):
+        rotary = None if attention.is_cross_attention else inputs.rotary
+        if cache is not None and not attention.is_cross_attention:
+            if output_attentions:
+                raise ValueError("attention_type='linear' keeps no past keys in its cache, so it cannot return "
+                                 "attention weights during cached decoding; run the full sequence without a cache.")
+            out = linear_cache_layer(cache, attention.layer_idx).step(
+                query, key, value, self.feature_map, key_padding_mask=inputs.key_padding_mask, rotary=rotary,
+            )
+            return out, None
+        return linear_attention(
+            query, key, value, self.feature_map, causal=inputs.causal and not attention.is_cross_attention,
+            key_padding_mask=inputs.key_padding_mask, output_attentions=output_attentions, rotary=rotary,
+        )

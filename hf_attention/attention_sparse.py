@@ -62,24 +62,38 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-_CACHE: OrderedDict = OrderedDict()
+class LRUCache:
+    """A small bounded cache of built layouts, tables and masks: ``cache(key, build)``.
 
-
-def _cached(key: Any, build: Callable[[], Any]) -> Any:
-    """Small LRU (long jobs see many lengths) shared by equal patterns, which hash by value.
-
-    Built outside inference mode and autograd, so a cache first filled under ``torch.inference_mode``
-    still serves training.
+    Bounded because long jobs see many lengths; keys hold patterns, which hash by value, so equal
+    patterns share entries. Values are built outside inference mode and autograd, so a cache first
+    filled under ``torch.inference_mode`` still serves training (autograd may save its tensors).
+    ``functools.lru_cache`` does not fit: it cannot control how the value is built.
     """
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    with torch.inference_mode(False), torch.no_grad():
-        value = build()
-    _CACHE[key] = value
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return value
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._entries: OrderedDict[Any, Any] = OrderedDict()
+
+    def __call__(self, key: Any, build: Callable[[], Any]) -> Any:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        with torch.inference_mode(False), torch.no_grad():
+            value = build()
+        self._entries[key] = value
+        while len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_cached = LRUCache(_CACHE_SIZE)
 
 
 def _positions_length(pattern: SparsePattern, positions: torch.Tensor) -> int:
@@ -88,6 +102,7 @@ def _positions_length(pattern: SparsePattern, positions: torch.Tensor) -> int:
 
 
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Local, not from validation_hf_attention: this file must also load on its own (torch and stdlib only)."""
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         kind = "a non-negative" if allow_zero else "a positive"

@@ -20,39 +20,20 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .attention_sparse import SparsePattern
+from .attention_sparse import LRUCache, SparsePattern
 from .positions_2d_hf_attention import decode_positions
+from .validation_hf_attention import check_int_in_range, check_non_negative_int, check_positive_int
 
 __all__ = ["GridBlockPattern", "GridLocalPattern", "GridPattern", "GridStridedPattern"]
 
 _CACHE_SIZE = 32
 # Keyed by (pattern, what, ...): equal patterns (frozen dataclasses) share their masks and tables.
-_CACHE: OrderedDict = OrderedDict()
-
-
-def _cached(key: Any, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Small LRU of ordinary tensors (built outside inference mode, so autograd may save them)."""
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    with torch.inference_mode(False), torch.no_grad():
-        value = build()
-    _CACHE[key] = value
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return value
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a positive" if low else "a non-negative"
-        raise ValueError(f"{name}={value!r} is not valid; it must be {kind} integer.")
+_cached = LRUCache(_CACHE_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +48,9 @@ class GridPattern(SparsePattern):
     num_prefix_tokens: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("grid_height", self.grid_height, 1)
-        _check_int("grid_width", self.grid_width, 1)
-        _check_int("num_prefix_tokens", self.num_prefix_tokens, 0)
+        check_positive_int("grid_height", self.grid_height)
+        check_positive_int("grid_width", self.grid_width)
+        check_non_negative_int("num_prefix_tokens", self.num_prefix_tokens)
 
     @property
     def seq_len(self) -> int:
@@ -147,7 +128,7 @@ class GridLocalPattern(GridPattern):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("window_size", self.window_size, 1)
+        check_positive_int("window_size", self.window_size)
 
     @property
     def radius(self) -> int:
@@ -165,7 +146,7 @@ class GridStridedPattern(GridPattern):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("stride", self.stride, 1)
+        check_positive_int("stride", self.stride)
 
     def grid_allowed(self, qr, qc, kr, kc):
         dr, dc = qr - kr, qc - kc
@@ -186,10 +167,10 @@ class GridBlockPattern(GridPattern):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("block_size", self.block_size, 1)
-        _check_int("num_global_tokens", self.num_global_tokens, 0)
-        _check_int("num_random_blocks", self.num_random_blocks, 0)
-        _check_int("seed", self.seed, -(2**63))
+        check_positive_int("block_size", self.block_size)
+        check_non_negative_int("num_global_tokens", self.num_global_tokens)
+        check_non_negative_int("num_random_blocks", self.num_random_blocks)
+        check_int_in_range("seed", self.seed, low=-(2**63))
 
     @property
     def tiles(self) -> tuple[int, int]:

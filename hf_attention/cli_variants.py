@@ -11,6 +11,7 @@ import time
 import torch
 
 from . import HfAttentionConfig, HfAttentionForMaskedLM
+from .training.tables import markdown_table
 from .variants import iter_variants, variant_name
 
 
@@ -51,13 +52,13 @@ def check_variant(overrides: dict, args: argparse.Namespace) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| variant | parameters | MLM loss | fwd+bwd ok | fwd+bwd s |", "|---|---:|---:|:---:|---:|"]
-    for row in rows:
-        lines.append(
-            f"| {row['variant']} | {row['params']:,} | {row['loss']:.4f} | {'yes' if row['ok'] else 'NO'} "
-            f"| {row['seconds']:.3f} |"
-        )
-    return "\n".join(lines)
+    cells = [
+        [row["variant"], f"{row['params']:,}", f"{row['loss']:.4f}", "yes" if row["ok"] else "NO",
+         f"{row['seconds']:.3f}"]
+        for row in rows
+    ]
+    return markdown_table(["variant", "parameters", "MLM loss", "fwd+bwd ok", "fwd+bwd s"], cells,
+                          align=[None, "right", "right", "center", "right"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.generation.configuration_utils import GenerationConfig
 
 from .registry_hf_attention import attention_score_class, positional_encoding_class, sparse_pattern_class
+from .validation_hf_attention import check_choice, check_positive_int, check_probability
 
 NORM_POSITIONS = ("pre", "post")
 # The first release's fused spellings of `attention_type` (see `normalise_legacy_variant`).
@@ -133,21 +134,6 @@ def normalise_legacy_variant(values: dict, saved_before_axes: bool = False) -> d
     return values
 
 
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
-
-
-def _positive(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} is not valid; it must be a positive integer.")
-
-
-def _probability(name: str, value: object) -> None:
-    if value is not None and not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name}={value!r} is not valid; it must be a probability in [0, 1).")
-
-
 @_raise_value_errors
 @strict
 class HfAttentionConfig(PreTrainedConfig):
@@ -213,6 +199,8 @@ class HfAttentionConfig(PreTrainedConfig):
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     additive_hidden_size: int | None = None
+    gaussian_bandwidth: float | int | None = None  # attention_type="gaussian": None learns sigma per head
+    linear_feature_map: str = "elu"  # attention_type="linear": phi, one of attention_linear.FEATURE_MAPS
 
     sparse_pattern: str | None = None  # None: dense attention
     sparse_window_size: int = 128
@@ -345,15 +333,15 @@ class HfAttentionConfig(PreTrainedConfig):
         positions = positional_encoding_class(self.position_embedding_type)
         if self.sparse_pattern is not None:
             sparse_pattern_class(self.sparse_pattern)
-        _choice("norm_position", self.norm_position, NORM_POSITIONS)
-        _choice("pooling", self.pooling, POOLING_TYPES)
+        check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        check_choice("pooling", self.pooling, POOLING_TYPES)
         if self.hidden_act not in ACT2FN:
             raise ValueError(
                 f"hidden_act={self.hidden_act!r} is not valid; choose one of transformers' activations: "
                 f"{', '.join(map(repr, sorted(ACT2FN)))}."
             )
         for name in ("sparse_window_size", "sparse_block_size", "sparse_stride"):
-            _positive(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.sparse_num_global_tokens < 0 or self.sparse_num_random_blocks < 0:
             raise ValueError(
                 f"sparse_num_global_tokens={self.sparse_num_global_tokens!r} and sparse_num_random_blocks="
@@ -363,9 +351,9 @@ class HfAttentionConfig(PreTrainedConfig):
         for name in ("num_attention_heads", "hidden_size", "intermediate_size", "vocab_size",
                      "max_position_embeddings", "relative_attention_num_buckets", "relative_attention_max_distance",
                      "image_size", "patch_size", "num_channels", "additive_hidden_size"):
-            _positive(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout", "classifier_dropout"):
-            _probability(name, getattr(self, name))
+            check_probability(name, getattr(self, name))
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta={self.rope_theta!r} is not valid; it must be positive.")
         positions.check_config(self)

@@ -92,15 +92,17 @@ class HfAttentionAttention(nn.Module):
         else:
             key = self._shape(self.k_proj(hidden_states))
             value = self._shape(self.v_proj(hidden_states))
-            if inputs.rotary is not None:
+            if inputs.rotary is not None and not self.score.rotates_itself:
                 query = apply_rotary(query, *inputs.rotary)
                 key = apply_rotary(key, *inputs.rotary_keys)
             if isinstance(cache, EncoderDecoderCache):
                 cache = cache.self_attention_cache
-            if cache is not None:
+            if cache is not None and self.score.keeps_kv_cache:
                 key, value = cache.update(key, value, self.layer_idx)
+                cache = None
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
-        out, weights = self.score(self, query, key, value, inputs, dropout=dropout, output_attentions=output_attentions)
+        out, weights = self.score(self, query, key, value, inputs, dropout=dropout, output_attentions=output_attentions,
+                                  cache=None if self.is_cross_attention else cache)
         out = out.reshape(batch, q_len, -1).contiguous()
         return self.out_proj(out), (weights if output_attentions else None)
 
@@ -423,12 +425,17 @@ def _checkpointing(stack: nn.Module) -> bool:
 class HfAttentionStackMixin:
     """Shared by the encoder, decoder and vision stacks: the per-forward AttentionInputs and the layer loop."""
 
-    def _run_layers(self, hidden_states: torch.Tensor, inputs: AttentionInputs, **layer_kwargs) -> torch.Tensor:
-        """Every layer, then the final LayerNorm of a pre-norm stack."""
+    def _run_layers(self, hidden_states: torch.Tensor, inputs: AttentionInputs, *layer_args, **layer_kwargs
+                    ) -> torch.Tensor:
+        """Every layer, then the final LayerNorm of a pre-norm stack.
+
+        Tensors that need gradients (encoder states) go in `layer_args`: reentrant checkpointing tracks positional
+        tensors only."""
         output_attentions = layer_kwargs.pop("output_attentions", None)
         output_attentions = bool(self.config.output_attentions if output_attentions is None else output_attentions)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, inputs, output_attentions=output_attentions, **layer_kwargs)
+            hidden_states = layer(hidden_states, inputs, *layer_args, output_attentions=output_attentions,
+                                  **layer_kwargs)
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
         return hidden_states
@@ -825,7 +832,7 @@ class HfAttentionDecoder(HfAttentionStackMixin, HfAttentionPreTrainedModel):
             cross_inputs = AttentionInputs(q_positions=position_ids, k_positions=src_positions,
                                            key_padding_mask=padding)
         hidden_states = self._run_layers(
-            hidden_states, inputs, encoder_hidden_states=encoder_hidden_states, cross_inputs=cross_inputs,
+            hidden_states, inputs, encoder_hidden_states, cross_inputs=cross_inputs,
             cache=cache, output_attentions=kwargs.get("output_attentions"),
         )
         return BaseModelOutputWithPastAndCrossAttentions(

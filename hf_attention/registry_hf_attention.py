@@ -6,6 +6,8 @@ benchmarks) reads the registries and never lists names.
 """
 
 from .attention_additive import AdditiveScore
+from .attention_gaussian import GaussianScore
+from .attention_linear import LinearScore
 from .attention_sparse import SPARSE_PATTERN_CLASSES, SparsePattern, sparse_pattern_class
 from .positions_hf_attention import POSITIONAL_ENCODINGS, PositionalEncoding, positional_encoding_class
 from .scores_hf_attention import ATTENTION_SCORES, AttentionScore, attention_score_class
@@ -15,6 +17,8 @@ __all__ = [
     "POSITIONAL_ENCODINGS",
     "SPARSE_PATTERN_CLASSES",
     "AdditiveScore",
+    "GaussianScore",
+    "LinearScore",
     "AttentionScore",
     "PositionalEncoding",
     "SparsePattern",

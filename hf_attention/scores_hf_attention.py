@@ -173,6 +173,9 @@ class AttentionScore(nn.Module):
     name: ClassVar[str] = ""
     has_parameters: ClassVar[bool] = False  # learned tensors (a variant transformers' own models cannot take)
     fast_kernel: ClassVar[bool] = True  # runs on a fused kernel (SDPA/flex); benchmarks cap the others' length
+    keeps_kv_cache: ClassVar[bool] = True  # False: it keeps its own state in the cache (`forward(..., cache=)`)
+    rotates_itself: ClassVar[bool] = False  # True: it applies `inputs.rotary` itself (the layer does not rotate)
+    weights_sum_to_one: ClassVar[bool] = True  # its (implied) attention weights are a distribution over keys
     takes_score_bias: ClassVar[bool] = True
     takes_sparse_pattern: ClassVar[bool] = True
 
@@ -204,9 +207,12 @@ class AttentionScore(nn.Module):
 
     def forward(
         self, attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        inputs: AttentionInputs, dropout: float = 0.0, output_attentions: bool = False,
+        inputs: AttentionInputs, dropout: float = 0.0, output_attentions: bool = False, **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """q [B, H, Lq, D], k/v [B, H, Lk, D] -> (out [B, Lq, H, D], weights [B, H, Lq, Lk] or None)."""
+        """q [B, H, Lq, D], k/v [B, H, Lk, D] -> (out [B, Lq, H, D], weights [B, H, Lq, Lk] or None).
+
+        `kwargs` carries `cache` (the self-attention cache) for scores with `keeps_kv_cache = False`.
+        """
         raise NotImplementedError
 
 
@@ -225,7 +231,7 @@ class StandardScore(AttentionScore):
 
     name = "standard"
 
-    def forward(self, attention, query, key, value, inputs, dropout=0.0, output_attentions=False):
+    def forward(self, attention, query, key, value, inputs, dropout=0.0, output_attentions=False, **kwargs):
         impl = kernel_name(attention, output_attentions)
         if self._use_sparse_kernel(attention, inputs, impl, query, key):
             if impl == "flex_attention" and query.device.type == "cuda":
@@ -265,8 +271,20 @@ class StandardScore(AttentionScore):
         )
 
 
+@register_attention_score
+class DotScore(StandardScore):
+    """Unscaled dot product, softmax(QK^T + bias) V: the 1/sqrt(d) of Vaswani et al. left out, on every kernel."""
+
+    name = "dot"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.scaling = 1.0
+
+
 __all__ = [
     "ATTENTION_SCORES",
+    "DotScore",
     "AttentionInputs",
     "AttentionScore",
     "StandardScore",

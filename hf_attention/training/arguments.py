@@ -55,6 +55,8 @@ VARIANT_FLAGS = {
     "relative_attention_num_buckets": (int, None),
     "relative_attention_max_distance": (int, None),
     "additive_hidden_size": (int, None),
+    "gaussian_bandwidth": (float, None),
+    "linear_feature_map": (str, None),
     "hidden_size": (int, None),
     "num_hidden_layers": (int, None),
     "encoder_layers": (int, None),

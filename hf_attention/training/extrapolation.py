@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..variants import position_table_length
+from .tables import markdown_table as _markdown_table
 
 PROTOCOLS = ("nonoverlapping", "sliding")
 SPLITS = ("validation", "train", "all")
@@ -198,8 +199,7 @@ def markdown_table(rows_by_variant: dict[str, list[list[dict]]]) -> str:
         strides = sorted({row["stride"] for runs in rows_by_variant.values() for rows in runs for row in rows
                           if row["protocol"] == protocol})
         title = f"### {protocol}" + (f" (stride {', '.join(map(str, strides))})" if protocol == "sliding" else "")
-        lines = [title, "", "| variant | " + " | ".join(f"L={length}" for length in lengths) + " |",
-                 "|---|" + "---|" * len(lengths)]
+        table = []
         for variant in rows_by_variant:
             cells = []
             for length in lengths:
@@ -210,8 +210,9 @@ def markdown_table(rows_by_variant: dict[str, list[list[dict]]]) -> str:
                     cells.append(entry["status"])
                 else:
                     cells.append(f"{entry['mean']:.4f} ± {entry['std']:.4f} ({entry['seeds']})")
-            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
+            table.append([variant, *cells])
+        header = ["variant", *(f"L={length}" for length in lengths)]
+        parts.append(f"{title}\n\n{_markdown_table(header, table)}")
     note = "Mean next-token cross-entropy (nats/token) ± std over seeds (number of seeds)."
     return "\n\n".join([note, *parts]) + "\n"
 

@@ -9,10 +9,8 @@ do not depend on `--do_predict`, and mixed precision comes from `accelerate laun
 import argparse
 import json
 import math
-import os
 import re
 import resource
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +22,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+
+from .tables import markdown_table
 
 logger = get_logger(__name__)
 
@@ -392,8 +392,7 @@ def _batch_size(batch) -> int:
 
 
 def _metrics_markdown(results: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in results.items())
-    return f"\n## Results\n\n| metric | value |\n|---|---|\n{rows}\n"
+    return f"\n## Results\n\n{markdown_table(['metric', 'value'], list(results.items()))}\n"
 
 
 def model_card(task: str, args: argparse.Namespace, config, dataset_desc: str) -> str:
@@ -414,16 +413,3 @@ def model_card(task: str, args: argparse.Namespace, config, dataset_desc: str) -
         f"max steps {args.max_train_steps}\n\n"
         "Load it with `AutoModel*.from_pretrained(path, trust_remote_code=True)`.\n"
     )
-
-
-def cleanup_checkpoints(output_dir: str, keep: int | None) -> None:
-    if keep is None:
-        return
-    folders = sorted((p for p in Path(output_dir).iterdir() if CHECKPOINT_DIR.match(p.name)),
-                     key=lambda p: p.stat().st_mtime)
-    for folder in folders[:-keep] if keep else folders:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
