@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 # The blocked kernel pays for gathers and per-block masks; dense SDPA with the boolean mask costs about
-# 1.05-1.3x unmasked SDPA whatever the pattern (DESIGN.md). Measured on 2 CPU cores (fp32, H=8, D=64,
+# 1.05-1.3x unmasked SDPA whatever the pattern. Measured on 2 CPU cores (fp32, H=8, D=64,
 # window 128): blocked local breaks even with dense around L=512 and wins from 768 on, where it computes
 # a quarter of the scores. So: dense when L <= DENSE_FALLBACK_MAX_LEN, or when the layout would still
 # compute at least DENSE_FALLBACK_DENSITY of the L x L scores.
@@ -883,7 +883,7 @@ _COMPILED_FLEX: Callable[..., torch.Tensor] | None = None
 
 
 def _flex_kernel() -> Callable[..., torch.Tensor]:
-    """flex_attention compiled once per process (uncompiled it is a slow dense reference, DESIGN.md).
+    """flex_attention compiled once per process (uncompiled, flex_attention is a slow dense reference).
 
     Default (automatic dynamic) shapes: a new sequence length recompiles once, then shapes go dynamic,
     instead of one recompilation per length until the recompile limit drops to the eager path. Inside

@@ -78,8 +78,8 @@ def best_spans(
 
     Exact: every (start, end) token pair with both tokens in the context, `start <= end` and at most
     `max_answer_length` tokens is scored `start_logit + end_logit` (logits are not normalised per window, so windows
-    compare as in the SQuAD scripts), unlike the top-20-starts x top-20-ends shortcut of `utils_qa.py`. Spans found in
-    several overlapping windows are kept once, with their best score.
+    compare as in the SQuAD scripts), unlike the top-20-starts x top-20-ends shortcut of transformers' QA example
+    (`utils_qa.py`). Spans found in several overlapping windows are kept once, with their best score.
 
     `start_logits[f]`, `end_logits[f]` and `offset_mappings[f]` describe window `f`; logit rows may be longer than
     the offsets (padding) and are cut to them. `token_is_max_context[f]` (optional) restricts starts as in BERT's
@@ -182,7 +182,7 @@ def postprocess_qa_predictions(
     null_score_diff_threshold: float = 0.0,
     cls_index: int = 0,
 ) -> dict[Any, str]:
-    """SQuAD predictions `{example_id: answer_text}` from per-feature logits, as `run_qa.py` evaluation expects.
+    """SQuAD predictions `{example_id: answer_text}` from per-feature logits, as transformers' `run_qa.py` evaluates.
 
     `examples` rows have `id` and `context`; `features` rows (one per window) have `example_id` and `offset_mapping`
     with `None` for every non-context token, optionally `token_is_max_context`; `start_logits[i]` / `end_logits[i]`

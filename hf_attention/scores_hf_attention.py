@@ -172,7 +172,7 @@ class AttentionScore(nn.Module):
 
     name: ClassVar[str] = ""
     has_parameters: ClassVar[bool] = False  # learned tensors (a variant transformers' own models cannot take)
-    fast_kernel: ClassVar[bool] = True  # runs on a fused kernel (SDPA/flex); benchmarks cap the others' length
+    fast_kernel: ClassVar[bool] = True  # runs on a fused kernel (SDPA/flex); False: explicit scores, slow when long
     keeps_kv_cache: ClassVar[bool] = True  # False: it keeps its own state in the cache (`forward(..., cache=)`)
     rotates_itself: ClassVar[bool] = False  # True: it applies `inputs.rotary` itself (the layer does not rotate)
     weights_sum_to_one: ClassVar[bool] = True  # its (implied) attention weights are a distribution over keys

@@ -1,6 +1,7 @@
 """The variant grid, derived from the registries: every scoring function x sparse pattern x positional type
 that the config accepts (combinations a scoring function refuses are left out, with the reason on request)."""
 
+import functools
 from collections.abc import Iterator
 
 from .configuration_hf_attention import HfAttentionConfig, normalise_legacy_variant
@@ -29,6 +30,13 @@ def variant_name(attention_type: str, position_embedding_type: str, sparse_patte
 
 def refusal(attention_type: str, position_embedding_type: str, sparse_pattern: str | None = None) -> str | None:
     """Why the config refuses this combination, or None when it builds."""
+    registries = (tuple(ATTENTION_SCORES.items()), tuple(POSITIONAL_ENCODINGS.items()))
+    return _refusal(attention_type, position_embedding_type, sparse_pattern, registries)
+
+
+@functools.lru_cache(maxsize=4096)
+def _refusal(attention_type, position_embedding_type, sparse_pattern, registries) -> str | None:
+    """Cached per registry state (a registered or removed class changes the key)."""
     try:
         HfAttentionConfig(attention_type=attention_type, position_embedding_type=position_embedding_type,
                           sparse_pattern=sparse_pattern)
@@ -48,6 +56,21 @@ def iter_variants(attention_types_: tuple[str, ...] | None = None) -> Iterator[d
                 if pattern is not None:
                     overrides["sparse_pattern"] = pattern
                 yield overrides
+
+
+def covering_variants() -> list[dict]:
+    """A cover of the grid for the expensive test matrices: every scoring function with every positional type
+    (dense), standard scoring with every pattern and positional type (where padding bugs lived), and every other
+    scoring function with every pattern once, the positional types taking turns."""
+    variants = list(iter_variants())
+    cover = [v for v in variants if "sparse_pattern" not in v or v["attention_type"] == "standard"]
+    for attention_type in attention_types():
+        for pattern in sparse_patterns() if attention_type != "standard" else ():
+            options = [v for v in variants
+                       if v["attention_type"] == attention_type and v.get("sparse_pattern") == pattern]
+            if options:
+                cover.append(options[len(cover) % len(options)])
+    return cover
 
 
 def parse_variant(name: str) -> dict:

@@ -29,9 +29,9 @@ from hf_attention.attention_maps import (
     plot_summaries,
 )
 from hf_attention.registry_hf_attention import ATTENTION_SCORES
-from hf_attention.variants import iter_variants, variant_name
+from hf_attention.variants import covering_variants, variant_name
 
-VARIANTS = list(iter_variants())
+VARIANTS = covering_variants()  # pairwise cover: every scoring x positions, x patterns
 IDS = [variant_name(v["attention_type"], v["position_embedding_type"], v.get("sparse_pattern")) for v in VARIANTS]
 
 

@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Generation
 from hf_attention import HfAttentionConfig, HfAttentionForCausalLM, HfAttentionForConditionalGeneration
 from hf_attention.cache_names import output_cache
 from hf_attention.modeling_hf_attention import shift_tokens_right
-from hf_attention.variants import iter_variants, variant_name
+from hf_attention.variants import covering_variants, variant_name
 
-VARIANTS = list(iter_variants())
+VARIANTS = covering_variants()  # pairwise cover: every scoring x positions, x patterns
 IDS = [variant_name(v["attention_type"], v["position_embedding_type"], v.get("sparse_pattern")) for v in VARIANTS]
 PAD, BOS, EOS = 0, 1, 2
 

@@ -14,7 +14,7 @@ from hf_attention import (
     HfAttentionModel,
 )
 from hf_attention.modeling_hf_attention import AttentionInputs, HfAttentionAttention
-from hf_attention.registry_hf_attention import ATTENTION_SCORES
+from hf_attention.registry_hf_attention import ATTENTION_SCORES, POSITIONAL_ENCODINGS, SPARSE_PATTERN_CLASSES
 from hf_attention.variants import iter_variants, parse_variant, variant_name
 
 VARIANTS = list(iter_variants())
@@ -244,8 +244,12 @@ def test_variant_names_round_trip_and_bad_names_list_choices():
         assert parse_variant(name) == variant
     with pytest.raises(ValueError, match="variant 'dense' is not valid; choose one of standard\\+sinusoidal"):
         parse_variant("dense")
-    # every scoring function x (dense + each pattern) x every positional type
-    assert len(VARIANTS) == 2 * (1 + 3) * 6
+    # every scoring function x (dense + each pattern it takes) x every positional type it takes
+    expected = sum((1 + (len(SPARSE_PATTERN_CLASSES) if score.takes_sparse_pattern else 0))
+                   * sum(1 for p in POSITIONAL_ENCODINGS.values()
+                         if score.takes_score_bias or not p.provides_score_bias)
+                   for score in ATTENTION_SCORES.values())
+    assert len(VARIANTS) == len(set(IDS)) == expected
 
 
 def test_bad_attention_mask_shape_is_explained():

@@ -20,7 +20,7 @@ from hf_attention import (
 )
 from hf_attention.attention_sparse_2d import GridBlockPattern
 from hf_attention.positions_2d_hf_attention import grid_position_ids
-from hf_attention.variants import iter_variants, variant_name
+from hf_attention.variants import covering_variants, variant_name
 
 PAD = 0
 PATTERNS = ("local", "strided", "block")
@@ -325,7 +325,7 @@ def test_attention_mask_batch_size_must_match(overrides):
 # 6. Gradient checkpointing trains every parameter, relative bias included
 # --------------------------------------------------------------------------------------------------
 
-VARIANTS = list(iter_variants())
+VARIANTS = covering_variants()  # pairwise cover: every scoring x positions, x patterns
 VARIANT_IDS = [variant_name(v["attention_type"], v["position_embedding_type"], v.get("sparse_pattern"))
                for v in VARIANTS]
 

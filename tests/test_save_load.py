@@ -24,9 +24,9 @@ from hf_attention import (
     HfAttentionForSequenceClassification,
     HfAttentionModel,
 )
-from hf_attention.variants import iter_variants, variant_name
+from hf_attention.variants import covering_variants, variant_name
 
-VARIANTS = list(iter_variants())
+VARIANTS = covering_variants()  # pairwise cover: every scoring x positions, x patterns
 IDS = [variant_name(v["attention_type"], v["position_embedding_type"], v.get("sparse_pattern")) for v in VARIANTS]
 HEADS = {
     "AutoModel": HfAttentionModel,

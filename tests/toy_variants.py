@@ -34,7 +34,7 @@ class ToyCosineScore(StandardScore):
     def init_weights(self, config) -> None:
         init.constant_(self.log_temperature, math.log(10.0))
 
-    def forward(self, attention, query, key, value, inputs, dropout=0.0, output_attentions=False):
+    def forward(self, attention, query, key, value, inputs, dropout=0.0, output_attentions=False, **kwargs):
         query = nn.functional.normalize(query, dim=-1) * self.log_temperature.exp()[:, None, None].to(query.dtype)
         key = nn.functional.normalize(key, dim=-1)
         return super().forward(attention, query, key, value, inputs, dropout, output_attentions)
