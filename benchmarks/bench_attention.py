@@ -25,6 +25,7 @@ from hf_attention import HfAttentionConfig
 from hf_attention.modeling_hf_attention import AttentionInputs, HfAttentionStackMixin
 from hf_attention.modeling_hf_attention import HfAttentionAttention as Attention
 from hf_attention.registry_hf_attention import ATTENTION_SCORES, POSITIONAL_ENCODINGS, SPARSE_PATTERN_CLASSES
+from hf_attention.training.tables import markdown_row, markdown_table
 
 
 def _variants() -> dict[str, dict | None]:
@@ -154,8 +155,8 @@ def main() -> None:
         return
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} batch=1 heads=8 head_dim=64 "
           f"repeats={args.repeats} (ratios to 'sdpa (reference)' in the same run)")
-    header = "| variant | L | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | fwd+bwd peak MiB |"
-    print(header + "\n|---|---:|---:|---:|---:|---:|---:|")
+    header = ["variant", "L", "fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio", "fwd+bwd peak MiB"]
+    print(markdown_table(header, [], align=[None, *["right"] * 6]))  # rows stream below: each takes a while
     for length in args.lengths:
         names = [n for n in args.variants if _fast(n) or length <= args.slow_max_length]
         if "sdpa (reference)" not in names:
@@ -180,8 +181,8 @@ def main() -> None:
                 result = subprocess.run(cmd, capture_output=True, text=True)
                 memory = f"{float(result.stdout.strip().splitlines()[-1]):.0f}" if result.returncode == 0 else "error"
             ref_f, ref_b = med[("sdpa (reference)", False)], med[("sdpa (reference)", True)]
-            print(f"| {n} | {length} | {med[(n, False)]:.1f} | {med[(n, False)] / ref_f:.2f}x | "
-                  f"{med[(n, True)]:.1f} | {med[(n, True)] / ref_b:.2f}x | {memory} |", flush=True)
+            print(markdown_row([n, length, f"{med[(n, False)]:.1f}", f"{med[(n, False)] / ref_f:.2f}x",
+                                f"{med[(n, True)]:.1f}", f"{med[(n, True)] / ref_b:.2f}x", memory]), flush=True)
 
 
 if __name__ == "__main__":

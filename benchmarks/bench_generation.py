@@ -14,9 +14,10 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, markdown_table, set_threads  # noqa: E402
+from common import interleaved_medians, set_threads  # noqa: E402
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration  # noqa: E402
+from hf_attention.training.tables import markdown_table  # noqa: E402
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_attention import HfAttentionConfig, HfAttentionForImageClassification
+from hf_attention.training.tables import markdown_table
 
 SHAPE = dict(image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
              intermediate_size=768, num_labels=10)
@@ -61,11 +62,12 @@ def main() -> None:
     med_ours, med_vit = statistics.median(times["hf_attention"]), statistics.median(times["ViT"])
     print(f"threads={args.threads} batch={args.batch} repeats={args.repeats} params ours={n_ours} vit={n_vit}")
     min_ours, min_vit = min(times["hf_attention"]), min(times["ViT"])
-    print("| model | fwd+bwd median (s) | median ratio to ViT | min (s) | min ratio |")
-    print("|---|---|---|---|---|")
-    print(f"| hf_attention (standard + learned, sdpa) | {med_ours:.4f} | {med_ours / med_vit:.3f} "
-          f"| {min_ours:.4f} | {min_ours / min_vit:.3f} |")
-    print(f"| transformers ViTForImageClassification (sdpa) | {med_vit:.4f} | 1.000 | {min_vit:.4f} | 1.000 |")
+    rows = [
+        ["hf_attention (standard + learned, sdpa)", f"{med_ours:.4f}", f"{med_ours / med_vit:.3f}", f"{min_ours:.4f}",
+         f"{min_ours / min_vit:.3f}"],
+        ["transformers ViTForImageClassification (sdpa)", f"{med_vit:.4f}", "1.000", f"{min_vit:.4f}", "1.000"],
+    ]
+    print(markdown_table(["model", "fwd+bwd median (s)", "median ratio to ViT", "min (s)", "min ratio"], rows))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared timing helpers: interleaved repeats, medians, markdown output."""
+"""Shared timing helpers: interleaved repeats and medians (tables: hf_attention.training.tables)."""
 
 import statistics
 import time
@@ -25,9 +25,3 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)

@@ -11,13 +11,13 @@ image processor that is saved with the model, so `pipeline("image-classification
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForImageClassification
 
+from hf_attention.modeling_hf_attention_vision import make_image_processor
 from hf_attention.training.arguments import add_common_args, parse_recipe_args
 from hf_attention.training.data import TensorDictDataset, load_digits_dataset, require_columns
 from hf_attention.training.metrics import accuracy
@@ -190,9 +190,6 @@ def make_processor(args: argparse.Namespace, config):
         from transformers import AutoImageProcessor
 
         return AutoImageProcessor.from_pretrained(args.model_name_or_path)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_attention.modeling_hf_attention_vision import make_image_processor
-
     channels = config.num_channels
     return make_image_processor(config, image_mean=[0.5] * channels, image_std=[0.5] * channels)
 

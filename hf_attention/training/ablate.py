@@ -636,7 +636,8 @@ def plot_results(table: list[dict], path: Path, metric: str | None = None) -> Pa
         colour = colours[bool(row["is_baseline"])]
         seeds = [value for _, value in row["_values"].get(metric, []) if math.isfinite(value)]
         spread = [0.5] if len(seeds) < 2 else [i / (len(seeds) - 1) for i in range(len(seeds))]
-        axis.scatter([index + 0.08 + 0.2 * s for s in spread], seeds, s=16, color=colour, alpha=0.55, zorder=2)
+        if seeds:  # a variant whose every seed failed has none
+            axis.scatter([index + 0.08 + 0.2 * s for s in spread], seeds, s=16, color=colour, alpha=0.55, zorder=2)
         mean = row[f"{metric}_mean"]
         if mean is None:
             axis.annotate("no results", (index, 0.5), xycoords=("data", "axes fraction"), ha="center", color="grey")
