@@ -18,24 +18,18 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .validation_hf_attention import register_by_name, registered
+
 POSITIONAL_ENCODINGS: dict[str, type["PositionalEncoding"]] = {}
 
 
 def register_positional_encoding(cls: type["PositionalEncoding"]) -> type["PositionalEncoding"]:
     """Class decorator: make `cls` selectable as `position_embedding_type=cls.name`."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered.")
-    POSITIONAL_ENCODINGS[cls.name] = cls
-    return cls
+    return register_by_name(POSITIONAL_ENCODINGS, cls)
 
 
 def positional_encoding_class(name: str) -> type["PositionalEncoding"]:
-    if name not in POSITIONAL_ENCODINGS:
-        raise ValueError(
-            f"position_embedding_type={name!r} is not valid; choose one of "
-            f"{', '.join(map(repr, POSITIONAL_ENCODINGS))}."
-        )
-    return POSITIONAL_ENCODINGS[name]
+    return registered(POSITIONAL_ENCODINGS, "position_embedding_type", name)
 
 
 def extrapolating_types() -> str:

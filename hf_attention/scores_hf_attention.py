@@ -21,24 +21,18 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention_sparse import SparsePattern, flex_sparse_attention, sparse_attention
 from .positions_hf_attention import POSITIONAL_ENCODINGS, PositionalEncoding, positional_encoding_class
+from .validation_hf_attention import register_by_name, registered
 
 ATTENTION_SCORES: dict[str, type["AttentionScore"]] = {}
 
 
 def register_attention_score(cls: type["AttentionScore"]) -> type["AttentionScore"]:
     """Class decorator: make `cls` selectable as `attention_type=cls.name`."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered.")
-    ATTENTION_SCORES[cls.name] = cls
-    return cls
+    return register_by_name(ATTENTION_SCORES, cls)
 
 
 def attention_score_class(name: str) -> type["AttentionScore"]:
-    if name not in ATTENTION_SCORES:
-        raise ValueError(
-            f"attention_type={name!r} is not valid; choose one of {', '.join(map(repr, ATTENTION_SCORES))}."
-        )
-    return ATTENTION_SCORES[name]
+    return registered(ATTENTION_SCORES, "attention_type", name)
 
 
 @dataclass

@@ -64,3 +64,17 @@ def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
+
+
+def register_by_name(registry: dict, cls: type) -> type:
+    """Put a variant class into its registry under `cls.name` (the variant registries' one decorator body)."""
+    if not getattr(cls, "name", ""):
+        raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered.")
+    registry[cls.name] = cls
+    return cls
+
+
+def registered(registry: dict, field: str, name: object) -> type:
+    """The class registered as `name`, or a ValueError naming the config field and the valid choices."""
+    check_choice(field, name, registry)
+    return registry[name]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch_helpers import LargestOutput
 
 from hf_attention.attention_gaussian import gaussian_as_dot, gaussian_attention
 
@@ -232,17 +232,7 @@ def test_gradients_equal_naive_including_sigma():
 # --------------------------------------------------------------------------------------------
 # memory: nothing of size B x H x Lq x Lk x D
 # --------------------------------------------------------------------------------------------
-class _LargestOutput(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
+_LargestOutput = LargestOutput
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "eager"])

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch_helpers import LargestOutput
 from transformers import GenerationMixin, LlamaConfig, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -461,17 +461,7 @@ def test_half_precision_accumulates_in_float32():
     close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
-class _LargestOutput(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
+_LargestOutput = LargestOutput
 
 
 @pytest.mark.parametrize("causal", [False, True])
